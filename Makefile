@@ -1,0 +1,36 @@
+# beamline-lock: `make run` serves the lock IOC, `make test` runs the tests.
+# Both set up what they need (a Python 3.12 venv in .venv; for tests also Redis and
+# the test OS users), so they work on a fresh clone.
+VENV      := .venv
+PY        := $(VENV)/bin/python
+STAMP     := $(VENV)/.installed
+PYTEST_ARGS ?=
+ARGS      ?=
+
+.PHONY: run test venv system bench demo docs clean
+
+$(STAMP): setup.cfg pyproject.toml
+	@test -x $(PY) || "$$(.ci/find-python)" -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]'
+	@touch $(STAMP)
+
+venv: $(STAMP)
+
+system:
+	.ci/setup-system
+
+run: $(STAMP)
+	$(VENV)/bin/lock-ioc $(ARGS)
+
+test: $(STAMP) system
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+bench: $(STAMP)
+	$(PY) bench/bench_lock.py
+
+docs: $(STAMP)
+	$(PY) -m lock_ioc.contract > docs/pv-interface.md
+
+clean:
+	rm -rf $(VENV) var .pytest_cache

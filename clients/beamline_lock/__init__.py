@@ -1,0 +1,1 @@
+"""Clients of the beamline lock: Python client, lockctl CLI, ophyd gating, ACF generator."""

@@ -1,0 +1,130 @@
+"""Parse and validate the text written to the command PVs (pure, no I/O).
+
+Everything a CA client can send arrives here as bytes; anything that is not a valid
+request becomes a :class:`Refused` with a message a person at ``caput`` understands.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import re
+
+from .contract import BY_SUFFIX
+
+#: Sessions are short names: "scan42", "queue", "web:alice", "alice/align-mono".
+SESSION = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:@/+-]*$")
+SESSION_MAX = 64
+NOTE_MAX = 256
+REASON_MAX = 256
+
+
+class Refused(Exception):
+    """A command the lock will not carry out; the text says exactly why."""
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
+@dataclasses.dataclass(frozen=True)
+class SessionRequest:
+    session: str
+    lease: float | None = None  # None: the default (acquire) or the current lease (renew)
+    note: str | None = None     # None: keep/empty
+
+
+def decode(raw: bytes | str, command: str) -> str:
+    """Bytes from the wire to text: strict UTF-8, no control characters, trimmed."""
+    if isinstance(raw, str):
+        text = raw
+    else:
+        try:
+            text = bytes(raw).rstrip(b"\x00").decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise Refused(f"{command}: text is not valid UTF-8 "
+                          f"(byte 0x{raw[exc.start]:02x} at position {exc.start})") from None
+    limit = BY_SUFFIX[command].max_length
+    if len(text.encode("utf-8")) > limit:
+        raise Refused(f"{command}: text too long (at most {limit} bytes)")
+    if any(ord(c) < 32 and c not in "\t" or ord(c) == 127 for c in text):
+        raise Refused(f"{command}: text contains control characters")
+    return text.strip()
+
+
+def _session(value: object, command: str) -> str:
+    if not isinstance(value, str):
+        raise Refused(f"{command}: session must be a string, got {json.dumps(value)}")
+    value = value.strip()
+    if not value:
+        raise Refused(f"{command}: session name is empty")
+    if len(value) > SESSION_MAX:
+        raise Refused(f"{command}: session name too long ({len(value)} characters, "
+                      f"at most {SESSION_MAX})")
+    if not SESSION.match(value):
+        raise Refused(f"{command}: invalid session name {value!r} (letters, digits and "
+                      "_ . : @ / + -; starting with a letter or digit)")
+    return value
+
+
+def _lease(value: object, command: str, lease_max: float) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise Refused(f"{command}: lease must be a number of seconds, got {json.dumps(value)}")
+    if not math.isfinite(value) or value <= 0:
+        raise Refused(f"{command}: lease must be a positive number of seconds, got {value!r}")
+    if value > lease_max:
+        raise Refused(f"{command}: lease {value:g} s is over the maximum of {lease_max:g} s")
+    if value < 0.5:
+        raise Refused(f"{command}: lease {value:g} s is too short (at least 0.5 s)")
+    return float(value)
+
+
+def _note(value: object, command: str) -> str:
+    if not isinstance(value, str):
+        raise Refused(f"{command}: note must be a string, got {json.dumps(value)}")
+    value = value.strip()
+    if len(value) > NOTE_MAX:
+        raise Refused(f"{command}: note too long ({len(value)} characters, at most {NOTE_MAX})")
+    return value
+
+
+def _reject_constant(token: str):
+    raise ValueError(f"{token} is not a number")
+
+
+def parse_session_request(text: str, command: str, *, lease_max: float,
+                          allowed: tuple[str, ...]) -> SessionRequest:
+    """A bare session name, or a JSON object with the ``allowed`` keys."""
+    if text.startswith("{"):
+        try:
+            body = json.loads(text, parse_constant=_reject_constant)
+        except (ValueError, RecursionError) as exc:
+            raise Refused(f"{command}: invalid JSON: {exc}") from None
+        if not isinstance(body, dict):
+            raise Refused(f"{command}: JSON must be an object")
+        unknown = sorted(set(body) - set(allowed))
+        if unknown:
+            raise Refused(f"{command}: unknown key {unknown[0]!r} "
+                          f"(allowed: {', '.join(allowed)})")
+        if "session" not in body:
+            raise Refused(f"{command}: JSON needs a \"session\"")
+        return SessionRequest(
+            session=_session(body["session"], command),
+            lease=_lease(body["lease"], command, lease_max) if "lease" in body else None,
+            note=_note(body["note"], command) if "note" in body else None,
+        )
+    if text.startswith(("[", '"')):
+        raise Refused(f"{command}: expected a session name or a JSON object")
+    return SessionRequest(session=_session(text, command))
+
+
+def parse_reason(text: str, command: str, *, required: bool) -> str:
+    if required and not text:
+        raise Refused(f"{command}: a reason is required")
+    if len(text) > REASON_MAX:
+        raise Refused(f"{command}: reason too long ({len(text)} characters, "
+                      f"at most {REASON_MAX})")
+    return text

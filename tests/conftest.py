@@ -1,0 +1,24 @@
+"""Shared fixtures: a CA network per test and a real lock IOC on a free port."""
+from __future__ import annotations
+
+import pytest
+
+from epics_env import CANetwork, LockIOC, epics_bin
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _epics_tools():
+    """Fail loudly (never skip) when EPICS tools or test users are missing."""
+    return epics_bin()
+
+
+@pytest.fixture
+def net() -> CANetwork:
+    return CANetwork()
+
+
+@pytest.fixture
+def lock_ioc(net, tmp_path):
+    ioc = LockIOC(net, tmp_path).start()
+    yield ioc
+    ioc.stop()

