@@ -103,8 +103,13 @@ class LockServerContext(_AsyncioContext):
     CircuitClass = LockCircuit
 
 
-class _QuietRefusals(logging.Filter):
-    """caproto logs every failed put with a traceback; a refusal is not an error."""
+class _TidyLogs(logging.Filter):
+    """No tracebacks in the IOC log for expected conditions.
+
+    caproto logs every failed put with a traceback, but a refusal is the lock working;
+    and a beacon that finds no caRepeater on the host (ICMP port unreachable) is
+    worth one line, not a traceback.
+    """
 
     def filter(self, record: logging.LogRecord) -> bool:
         exc = record.exc_info[1] if record.exc_info else None
@@ -112,6 +117,10 @@ class _QuietRefusals(logging.Filter):
             record.exc_info = None
             record.msg, record.args = "put refused: %s", (str(exc),)
             record.levelno, record.levelname = logging.INFO, "INFO"
+        elif exc is not None and str(record.msg).startswith("Failed to send beacon"):
+            record.exc_info = None
+            record.msg = str(record.msg).split(".")[0] + " (no caRepeater listening?)"
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
         return True
 
 
@@ -277,7 +286,8 @@ def build_ioc(config: Config, *, prefix: str | None = None,
     PV initial values come from the stored state, so no client ever sees a default
     (Free, gates open) for a lock that is in fact held.
     """
-    logging.getLogger("caproto.circ").addFilter(_QuietRefusals())
+    for name in ("caproto.circ", "caproto.ctx"):
+        logging.getLogger(name).addFilter(_TidyLogs())
     store = store or Store(config.state)
     machine = LockMachine(config)
     state = store.load() or LockState()

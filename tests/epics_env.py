@@ -105,6 +105,8 @@ class CANetwork:
         env.update(EPICS_CA_AUTO_ADDR_LIST="NO",
                    EPICS_CA_ADDR_LIST=" ".join(f"127.0.0.1:{p}" for p in self.ports),
                    EPICS_CA_CONN_TMO="2", EPICS_CA_MAX_ARRAY_BYTES="100000")
+        # libca clients (pyepics) start caRepeater from PATH.
+        env["PATH"] = f"{epics_bin()}{os.pathsep}{env.get('PATH', '')}"
         for var in ("EPICS_CA_SERVER_PORT", "EPICS_CAS_SERVER_PORT",
                     "EPICS_CAS_INTF_ADDR_LIST", "EPICS_CAS_BEACON_ADDR_LIST"):
             env.pop(var, None)
