@@ -197,6 +197,7 @@ class LockIOCBase(PVGroup):
                 if pending is not None:
                     await self.apply(pending)
                 await self.set_message(exc.message)
+                log.info("refused %s from %s: %s", name, caller, exc.message)
                 raise LockRefused(exc.message) from None
             await self.apply(out)
         return raw

@@ -9,6 +9,7 @@ import dataclasses
 import json
 import math
 import re
+import unicodedata
 
 from .contract import BY_SUFFIX
 
@@ -50,7 +51,7 @@ def decode(raw: bytes | str, command: str) -> str:
     limit = BY_SUFFIX[command].max_length
     if len(text.encode("utf-8")) > limit:
         raise Refused(f"{command}: text too long (at most {limit} bytes)")
-    if any(ord(c) < 32 and c not in "\t" or ord(c) == 127 for c in text):
+    if any(unicodedata.category(c) == "Cc" and c != "\t" for c in text):
         raise Refused(f"{command}: text contains control characters")
     return text.strip()
 
