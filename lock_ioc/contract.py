@@ -43,7 +43,7 @@ class PVSpec:
     @property
     def attr(self) -> str:
         """Python attribute name used for this PV in the IOC's PVGroup."""
-        return self.suffix.replace(":", "_").lower()
+        return "pv_" + self.suffix.replace(":", "_").lower()
 
 
 PVS: tuple[PVSpec, ...] = (

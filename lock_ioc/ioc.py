@@ -11,6 +11,8 @@ import asyncio
 import contextvars
 import logging
 import math
+import os
+import socket
 import time
 from collections import deque
 from typing import Any, Callable
@@ -102,6 +104,15 @@ class LockCircuit(_AsyncioCircuit):
 class LockServerContext(_AsyncioContext):
     CircuitClass = LockCircuit
 
+    async def tcp_handler(self, client, addr):
+        # Like EPICS base's RSRV: no Nagle. A command's reply and its burst of monitor
+        # updates are separate small writes; with Nagle on, the updates wait for the
+        # client's delayed ACK (~40 ms) whenever a previous segment is unacknowledged.
+        sock = client.writer.get_extra_info("socket")
+        if sock is not None:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return await super().tcp_handler(client, addr)
+
 
 class _TidyLogs(logging.Filter):
     """No tracebacks in the IOC log for expected conditions.
@@ -134,7 +145,7 @@ class LockIOCBase(PVGroup):
         self.machine = LockMachine(config)
         self.lock_state = state
         self.clock = clock
-        self.events = deque(store.recent(config.history), maxlen=config.history)
+        self.event_lines = History(store.recent(config.history), config.history)
         self._published: dict[str, Any] = {}
         self._cmd_lock: asyncio.Lock | None = None
         super().__init__(*args, **kwargs)
@@ -153,7 +164,7 @@ class LockIOCBase(PVGroup):
             "Expiry": s.expiry if held else 0.0,
             "Remaining": float(math.ceil(s.remaining(now))),
             "DisabledReason": s.reason,
-            "History": history_text(self.events),
+            "History": self.event_lines.text,
         }
         for group, gate in self.machine.gates(s).items():
             vals[contract.gate_suffix(group)] = gate
@@ -176,9 +187,9 @@ class LockIOCBase(PVGroup):
         """Make an outcome durable, then visible. Caller holds the command lock."""
         self.store.commit(out.state, out.events)
         self.lock_state = out.state
-        self.events.extend(out.events)
-        for e in out.events:
-            log.info("%s", e.line())
+        self.event_lines.extend(out.events)
+        for event in out.events:
+            log.info("%s", event.line())
         await self.publish(self.clock())
         if out.message:
             await self.set_message(out.message)
@@ -235,13 +246,22 @@ def clip(text: str, suffix: str) -> str:
     return data[:limit - 3].decode("utf-8", "ignore") + "..."
 
 
-def history_text(events) -> str:
-    """History lines, newest last, dropping the oldest to fit the PV."""
-    lines = [e.line() for e in events]
-    limit = contract.HISTORY_MAX
-    while lines and len("\n".join(lines).encode("utf-8")) > limit:
-        lines.pop(0)
-    return "\n".join(lines)
+class History:
+    """The last N event lines and their text for ``$(P)History`` (formatted once)."""
+
+    def __init__(self, events, size: int):
+        self.lines: deque[str] = deque(maxlen=size)
+        self.text = ""
+        self.extend(events)
+
+    def extend(self, events) -> None:
+        if not events:
+            return
+        self.lines.extend(e.line() for e in events)
+        lines = list(self.lines)
+        while lines and len("\n".join(lines).encode("utf-8")) > contract.HISTORY_MAX:
+            lines.pop(0)  # keep the newest that fit the PV
+        self.text = "\n".join(lines)
 
 
 def _pvproperty(spec: contract.PVSpec, value: Any, putter=None) -> pvproperty:
@@ -300,7 +320,7 @@ def build_ioc(config: Config, *, prefix: str | None = None,
 
     holder = LockIOCBase.__new__(LockIOCBase)  # only to compute initial values
     holder.lock_state, holder.machine = state, machine
-    holder.events = deque(store.recent(config.history), maxlen=config.history)
+    holder.event_lines = History(store.recent(config.history), config.history)
     initial = LockIOCBase.values(holder, clock())
     initial.update(Message=expired.message if expired else "", Heartbeat=0,
                    LeaseDefault=config.lease_default, LeaseMax=config.lease_max, Ping=0)
@@ -311,11 +331,12 @@ def build_ioc(config: Config, *, prefix: str | None = None,
         if spec.command:
             putter = _ping if spec.suffix == "Ping" else _command_putter(spec.suffix)
         namespace[spec.attr] = _pvproperty(spec, initial.get(spec.suffix, ""), putter)
-    namespace["heartbeat"] = _pvproperty(contract.BY_SUFFIX["Heartbeat"], 0)
-    namespace["heartbeat"].startup(_start_clock)
+    heartbeat = contract.BY_SUFFIX["Heartbeat"]
+    namespace[heartbeat.attr] = _pvproperty(heartbeat, 0)
+    namespace[heartbeat.attr].startup(_start_clock)
     for group in config.group_names:
         spec = contract.GATE
-        namespace["gate_" + group] = pvproperty(
+        namespace["pv_gate_" + group] = pvproperty(
             name=contract.gate_suffix(group), value=initial[contract.gate_suffix(group)],
             dtype=int, read_only=True, doc=spec.doc.replace("<group>", group))
     cls = type(LockIOCBase)("LockIOC", (LockIOCBase,), namespace)
@@ -327,6 +348,13 @@ def serve(ioc: LockIOCBase, *, interfaces: list[str] | None = None,
           log_pv_names: bool = False) -> None:
     """caproto's asyncio ``run``, with the lock's circuit class; stops on SIGINT/SIGTERM."""
     import signal
+
+    import caproto.server.common as cas
+    if "CAPROTO_SERVER_HIGH_LOAD_TIMEOUT_SEC" not in os.environ:
+        # The lock is a low-rate server whose clients wait on its updates: send each
+        # update at once. caproto's default (batch for up to 10 ms) holds the tail of
+        # a command's burst of ~10 updates back from every client.
+        cas.HIGH_LOAD_TIMEOUT = 0.0
 
     async def main() -> None:
         ctx = LockServerContext(ioc.pvdb, interfaces)
