@@ -31,6 +31,7 @@ bench: $(STAMP)
 
 docs: $(STAMP)
 	$(PY) -m lock_ioc.contract > docs/pv-interface.md
+	$(PY) -m lock_ioc.contract --json > docs/pv-interface.json
 
 clean:
 	rm -rf $(VENV) var .pytest_cache

@@ -142,5 +142,30 @@ def render_markdown() -> str:
     return "\n".join(lines)
 
 
+#: Name and version of this contract, as other services' specs refer to it.
+FORMAT = "lock-pv-contract/v1"
+
+
+def render_json() -> str:
+    """The contract as machine-readable JSON (``docs/pv-interface.json``, the ICD)."""
+    import json
+
+    def entry(spec: PVSpec) -> dict:
+        out = {"pv": "$(P)" + spec.suffix.replace("{group}", "<group>"), "kind": spec.kind,
+               "access": "command" if spec.command else "read-only", "doc": spec.doc}
+        if spec.enum:
+            out["enum"] = list(spec.enum)
+        if spec.max_length:
+            out["max_length"] = spec.max_length
+        if spec.units:
+            out["units"] = spec.units
+        return out
+
+    doc = {"format": FORMAT, "prefix_macro": "$(P)", "default_prefix": "BL:LOCK:",
+           "pvs": [entry(s) for s in PVS], "per_group": [entry(GATE)]}
+    return json.dumps(doc, indent=2) + "\n"
+
+
 if __name__ == "__main__":
-    print(render_markdown(), end="")
+    import sys
+    print(render_json() if "--json" in sys.argv[1:] else render_markdown(), end="")
