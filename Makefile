@@ -27,7 +27,7 @@ test: $(STAMP) system
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 bench: $(STAMP)
-	$(PY) bench/bench_lock.py
+	for b in bench/bench_*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
 
 docs: $(STAMP)
 	$(PY) -m lock_ioc.contract > docs/pv-interface.md

@@ -22,3 +22,12 @@ def lock_ioc(net, tmp_path):
     ioc = LockIOC(net, tmp_path).start()
     yield ioc
     ioc.stop()
+
+
+@pytest.fixture
+def beamline(net, lock_ioc, tmp_path):
+    """The simulated beamline softIoc (prefix TST:) gated on ``lock_ioc``."""
+    from beamline_env import SoftIoc
+    ioc = SoftIoc(net, tmp_path, lock_ioc.config).start()
+    yield ioc
+    ioc.stop()

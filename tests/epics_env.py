@@ -137,9 +137,14 @@ class CANetwork:
         """Value of a PV as text (``caget -t -S``), asserting the read worked."""
         return self.run("caget", "-t", "-S", "-w", "3", pv, user=user, check=True).stdout.strip()
 
-    def caput(self, pv: str, value: str, user: str | None = None) -> subprocess.CompletedProcess:
-        """``caput -c -S`` as ``user``: exit 0 only when the put completed."""
-        return self.run("caput", "-c", "-S", "-w", "5", pv, value, user=user)
+    def caput(self, pv: str, value: str, user: str | None = None, *,
+              text: bool = True) -> subprocess.CompletedProcess:
+        """``caput -c [-S]`` as ``user``: exit 0 only when the put completed.
+
+        ``text``: the PV is a long string (CHAR array, ``-S``); False for numbers/enums.
+        """
+        flags = ["-c", "-S"] if text else ["-c"]
+        return self.run("caput", *flags, "-w", "5", pv, value, user=user)
 
 
 def wait_until(predicate, timeout: float = 15.0, interval: float = 0.05, what: str = ""):
