@@ -32,3 +32,45 @@ def test_ioc_serves_exactly_the_contract(net, tmp_path):
             assert access in info, (name, info)
     finally:
         ioc.stop()
+
+
+# ---- every lock PV named anywhere in the repository is in the contract ---------------
+LOCK_REF = re.compile(r"(?:\bBL:LOCK:|\bTST:LOCK:|\bBENCH:LOCK:|\$\(LOCK\)|\$\{LOCK\})"
+                      r"([A-Za-z][A-Za-z0-9_]*(?::[A-Za-z0-9_<>{}$()]+)?)")
+SCANNED = ("clients", "db", "iocBoot", "docs", "bench", "README.md")
+SUFFIXES = {spec.suffix for spec in contract.PVS}
+
+
+def lock_pv_references():
+    for top in SCANNED:
+        path = REPO / top
+        files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+        for f in files:
+            if f.suffix in (".png", ".pyc", ".sqlite3") or "__pycache__" in f.parts:
+                continue
+            for m in LOCK_REF.finditer(f.read_text(errors="replace")):
+                yield f.relative_to(REPO), m.group(1)
+
+
+def test_every_named_lock_pv_is_in_the_contract():
+    refs = list(lock_pv_references())
+    assert refs, "the scan found no lock PV references at all"
+    bad = sorted({(str(f), name) for f, name in refs
+                  if name not in SUFFIXES and not name.startswith(contract.GATE_PREFIX)})
+    assert not bad, f"lock PVs outside the contract: {bad}"
+
+
+def test_acf_inputs_are_contract_gates():
+    from beamline_lock.acf import render_acf
+    from lock_ioc.config import load
+    config = load()
+    served = contract.all_pvs(config.prefix, config.group_names)
+    inputs = re.findall(r'INP[A-L]\("([^"]+)"\)', render_acf(config))
+    assert inputs and all(pv in served for pv in inputs), inputs
+
+
+def test_scan_catches_a_renamed_pv(tmp_path):
+    text = "caput -c -S BL:LOCK:Aquire scan1\ncaget BL:LOCK:State\n"
+    names = [m.group(1) for m in LOCK_REF.finditer(text)]
+    assert names == ["Aquire", "State"]
+    assert "Aquire" not in SUFFIXES
