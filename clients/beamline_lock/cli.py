@@ -1,0 +1,247 @@
+"""``lockctl``: the beamline lock from a terminal or a shell script.
+
+Exit codes: 0 done; 1 refused by the lock (the reason on stderr); 2 usage or config
+error; 3 lock IOC unreachable (lock state unknown). The CA identity is the invoking
+OS user at this host; the usual ``EPICS_CA_*`` variables select the servers.
+
+A lease taken with ``lockctl acquire`` outlives the command: renew or release it with
+later ``lockctl renew`` / ``lockctl release`` runs by the same user on the same host
+under the same session name, or let it run out.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import threading
+import time
+from typing import Callable, Sequence
+
+from .client import (DISABLED, HELD, BeamlineLock, LockError, LockRefused, LockStatus,
+                     LockUnavailable, until_text)
+
+OK, REFUSED, USAGE, UNREACHABLE = 0, 1, 2, 3
+#: watch: seconds to let the burst of PV updates of one lock change arrive before drawing.
+SETTLE = 0.05
+
+
+def _positive(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") \
+            from None
+    if not value > 0 or value != value or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a positive number of seconds, got {text!r}")
+    return value
+
+
+def _count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected at least 1, got {value}")
+    return value
+
+
+def _common(p: argparse.ArgumentParser, prefix, timeout) -> None:
+    p.add_argument("--prefix", default=prefix,
+                   help="lock IOC PV prefix (default: $LOCK_PREFIX or BL:LOCK:)")
+    p.add_argument("--timeout", type=_positive, default=timeout,
+                   help="seconds to wait for the lock IOC (default 5)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="lockctl", description="Inspect and operate the beamline lock.",
+        epilog="Exit codes: 0 ok, 1 refused (reason on stderr), 2 usage/config error, "
+               "3 lock IOC unreachable. A lease taken with 'acquire' outlives this command: "
+               "renew or release it later as the same user on the same host with the same "
+               "session name.")
+    _common(p, os.environ.get("LOCK_PREFIX", "BL:LOCK:"), 5.0)
+    common = argparse.ArgumentParser(add_help=False)  # the same options after the command
+    _common(common, argparse.SUPPRESS, argparse.SUPPRESS)
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def cmd(name: str, **kwargs) -> argparse.ArgumentParser:
+        return sub.add_parser(name, parents=[common], **kwargs)
+
+    s = cmd("status", help="show the lock")
+    s.add_argument("--json", action="store_true", help="print the status as JSON")
+
+    s = cmd("acquire", help="acquire the lock (the lease outlives this command)")
+    s.add_argument("session")
+    s.add_argument("--lease", type=_positive, help="lease in seconds (default: the IOC's)")
+    s.add_argument("--note", help="what the lock is for, shown to others")
+    s.add_argument("--wait", type=_positive, metavar="S",
+                   help="wait up to S seconds for a busy lock")
+
+    s = cmd("renew", help="extend your lease")
+    s.add_argument("session")
+    s.add_argument("--lease", type=_positive, help="new lease in seconds from now")
+
+    s = cmd("release", help="release your lock")
+    s.add_argument("session")
+
+    s = cmd("force-release", help="take the lock from its holder (operators)")
+    s.add_argument("reason")
+    s = cmd("disable", help="disable the lock (operators)")
+    s.add_argument("reason")
+    s = cmd("enable", help="end a disable (operators)")
+    s.add_argument("reason", nargs="?", default="")
+
+    s = cmd("watch", help="live one-line view with the lease countdown")
+    s.add_argument("--count", type=_count, help="stop after N lines")
+    s.add_argument("--duration", type=_positive, help="stop after S seconds")
+
+    cmd("history", help="recent lock events, newest last")
+
+    s = cmd("acf", help="print the EPICS access security file for a lock config")
+    s.add_argument("--config", required=True, help="lock YAML config file")
+    s.add_argument("--asg", default="GATED", help="access security group name (default GATED)")
+    return p
+
+
+def _status_lines(st: LockStatus) -> list[str]:
+    lines = [f"state:     {st.state}"]
+    if st.state == HELD:
+        lines += [f"owner:     {st.owner}", f"session:   {st.session}"]
+        if st.note:
+            lines.append(f"note:      {st.note}")
+        lines += [f"until:     {until_text(st.expiry)} ({st.remaining:.0f} s left)"]
+    if st.state == DISABLED:
+        lines.append(f"reason:    {st.disabled_reason}")
+    lines += [f"token:     {st.token}", f"message:   {st.message}"]
+    return lines
+
+
+def watch_line(st: LockStatus) -> str:
+    """The one-line live view."""
+    stamp = time.strftime("%H:%M:%S")
+    if not st.connected:
+        return f"{stamp} UNKNOWN  lock state unknown: lock IOC unreachable or silent"
+    if st.state == HELD:
+        note = f" note={st.note!r}" if st.note else ""
+        return (f"{stamp} Held     {st.owner} session={st.session} token={st.token} "
+                f"{st.remaining:.0f} s left{note}")
+    if st.state == DISABLED:
+        return f"{stamp} Disabled {st.disabled_reason} token={st.token}"
+    return f"{stamp} Free     token={st.token}"
+
+
+def _watch(lock: BeamlineLock, count: int | None, duration: float | None,
+           out: Callable[[str], None]) -> int:
+    """Print a line on every change of the view (driven by the lock's monitors)."""
+    changed = threading.Event()
+    lock.add_callback(lambda st: changed.set())
+    deadline = None if duration is None else time.monotonic() + duration
+    last, printed = None, 0
+    while True:
+        view = watch_line(lock.status())
+        key = view[9:]  # without the time stamp
+        if key != last:
+            out(view)
+            last, printed = key, printed + 1
+            if count is not None and printed >= count:
+                return OK
+        left = None if deadline is None else deadline - time.monotonic()
+        if left is not None and left <= 0:
+            return OK
+        # Wake on a monitor update; at least once a second so a silent IOC shows up.
+        if changed.wait(1.0 if left is None else min(1.0, left)):
+            time.sleep(SETTLE)  # one command updates several PVs: show the result once
+        changed.clear()
+
+
+def _acf(args: argparse.Namespace) -> int:
+    from lock_ioc.config import ConfigError, load
+    try:
+        from .acf import AcfError, render_acf
+    except ImportError as exc:
+        print(f"lockctl acf: the ACF generator is not available ({exc})", file=sys.stderr)
+        return USAGE
+    try:
+        text = render_acf(load(args.config), args.asg)
+    except (ConfigError, AcfError) as exc:
+        print(f"lockctl acf: {exc}", file=sys.stderr)
+        return USAGE
+    sys.stdout.write(text if text.endswith("\n") else text + "\n")
+    return OK
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.command == "acf":
+        return _acf(args)
+    lock = BeamlineLock(args.prefix, timeout=args.timeout, connect_timeout=args.timeout)
+    try:
+        if args.command == "watch":
+            if not sys.stdout.isatty():  # a log or a pipe: one line per change
+                return _watch(lock, args.count, args.duration, lambda s: print(s, flush=True))
+            try:  # a terminal: one line, redrawn in place
+                return _watch(lock, args.count, args.duration,
+                              lambda s: print(f"\r\033[K{s}", end="", flush=True))
+            finally:
+                print()
+        if not lock.connected:
+            raise LockUnavailable(f"lock IOC {args.prefix} unreachable: no answer within "
+                                  f"{args.timeout:g} s (EPICS_CA_ADDR_LIST="
+                                  f"{os.environ.get('EPICS_CA_ADDR_LIST', '')!r}); "
+                                  "lock state unknown")
+        if args.command == "status":
+            st = lock.status()
+            if args.json:
+                print(json.dumps({k: v for k, v in st.__dict__.items()
+                                  if k not in ("event", "lost", "held_by_me")}))
+            else:
+                print("\n".join(_status_lines(st)))
+        elif args.command == "history":
+            print("\n".join(lock.history()))
+        elif args.command == "acquire":
+            st = lock.acquire(args.session, lease=args.lease, note=args.note, wait=args.wait)
+            print(f"acquired: session {st.session}, token {st.token}, until "
+                  f"{until_text(st.expiry)}; the lease runs on after lockctl exits: "
+                  f"'lockctl renew {st.session}' / 'lockctl release {st.session}'")
+        elif args.command == "renew":
+            st = lock.renew(args.lease, session=args.session)
+            print(f"renewed: session {st.session}, token {st.token}, until "
+                  f"{until_text(st.expiry)}")
+        elif args.command == "release":
+            lock.release(args.session)
+            print(f"released: session {args.session}")
+        elif args.command == "force-release":
+            print(lock.force_release(args.reason).message)
+        elif args.command == "disable":
+            print(lock.disable(args.reason).message)
+        elif args.command == "enable":
+            print(lock.enable(args.reason).message)
+        return OK
+    finally:
+        lock.close()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return run(args)
+    except LockUnavailable as exc:
+        print(f"lockctl: {exc}", file=sys.stderr)
+        return UNREACHABLE
+    except LockRefused as exc:
+        print(f"lockctl: {exc}", file=sys.stderr)
+        return REFUSED
+    except LockError as exc:  # lost, or an outcome we could not confirm
+        print(f"lockctl: {exc}", file=sys.stderr)
+        return REFUSED
+    except KeyboardInterrupt:
+        return 130
+
+
+def main_exit() -> None:
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    main_exit()
