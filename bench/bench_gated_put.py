@@ -24,6 +24,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _stats import fmt  # noqa: E402
 from epics_env import HOST, CANetwork, LockIOC, Server, tool  # noqa: E402
 
 CONFIG = """\
@@ -35,16 +37,6 @@ groups:
 """
 DB = 'record(ao, "BENCH:sig") {\n    field(PREC, "3")\n}\n'
 BLOCK = 500
-
-
-def pct(values: list[float], q: float) -> float:
-    values = sorted(values)
-    return values[min(len(values) - 1, int(round(q / 100 * (len(values) - 1))))]
-
-
-def fmt(name: str, values: list[float]) -> str:
-    return (f"{name:<28} median {statistics.median(values) * 1e6:8.2f} us   "
-            f"p99 {pct(values, 99) * 1e6:8.2f} us   (n={len(values)})")
 
 
 def measure(lock_prefix: str, puts: int) -> dict[str, list[float]]:
@@ -138,11 +130,11 @@ def main() -> int:
     check_med = statistics.median(res["check"])
     print(f"gated put benchmark on {HOST} ({os.cpu_count()} CPUs); ophyd EpicsSignal.put "
           f"(wait=False) to a softIoc ao record; client pyepics/libca")
-    print(fmt("ungated put", res["raw"]))
-    print(fmt("gated put", res["gated"]))
-    print(fmt("gate check alone", res["check"]))
-    print(fmt("no-op put, ungated", res["noop"]))
-    print(fmt("no-op put, gated", res["wrapper"]))
+    print(fmt("ungated put", res["raw"], width=28, unit="us"))
+    print(fmt("gated put", res["gated"], width=28, unit="us"))
+    print(fmt("gate check alone", res["check"], width=28, unit="us"))
+    print(fmt("no-op put, ungated", res["noop"], width=28, unit="us"))
+    print(fmt("no-op put, gated", res["wrapper"], width=28, unit="us"))
     added = statistics.median(res["wrapper"]) - statistics.median(res["noop"])
     diff = gated_med - raw_med
     print(f"gate's added work (no-op gated - ungated)  {added * 1e6:6.2f} us = "

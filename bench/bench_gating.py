@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
 import tempfile
 import threading
@@ -22,18 +21,10 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _stats import fmt  # noqa: E402
 from beamline_env import SoftIoc  # noqa: E402
 from epics_env import HOST, CANetwork, LockIOC, wait_until  # noqa: E402
-
-
-def pct(values: list[float], q: float) -> float:
-    values = sorted(values)
-    return values[min(len(values) - 1, int(round(q / 100 * (len(values) - 1))))]
-
-
-def fmt(name: str, values: list[float]) -> str:
-    return (f"{name:<44} median {statistics.median(values) * 1e3:8.3f} ms   "
-            f"p99 {pct(values, 99) * 1e3:8.3f} ms   (n={len(values)})")
 
 
 def run(lock: LockIOC, beamline: SoftIoc, cycles: int) -> tuple[list[float], list[float]]:
@@ -99,8 +90,8 @@ def main() -> int:
             beamline.stop()
             lock.stop()
     print(f"device gating benchmark on {HOST} ({os.cpu_count()} CPUs), softIoc + ACF")
-    print(fmt("Acquire -> device IOC refuses non-holder", refuse))
-    print(fmt("Release -> device IOC allows again", restore))
+    print(fmt("Acquire -> device IOC refuses non-holder", refuse, width=44, unit="ms"))
+    print(fmt("Release -> device IOC allows again", restore, width=44, unit="ms"))
     return 0
 
 

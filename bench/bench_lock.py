@@ -29,6 +29,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _stats import fmt  # noqa: E402
 from epics_env import HOST, CANetwork, LockIOC, tool, wait_until  # noqa: E402
 
 CONFIG = """\
@@ -39,16 +41,6 @@ groups:
   bench: {{users: [{user}]}}
   staff: {{users: [alice, bob]}}
 """
-
-
-def pct(values: list[float], q: float) -> float:
-    values = sorted(values)
-    return values[min(len(values) - 1, int(round(q / 100 * (len(values) - 1))))]
-
-
-def fmt(name: str, values: list[float]) -> str:
-    return (f"{name:<30} median {statistics.median(values) * 1e3:8.3f} ms   "
-            f"p99 {pct(values, 99) * 1e3:8.3f} ms   (n={len(values)})")
 
 
 class Monitored:
@@ -171,15 +163,15 @@ def main() -> int:
             ioc.stop()
     print(f"lock IOC benchmark on {HOST} ({os.cpu_count()} CPUs); client pyepics/libca; "
           f"state file under {tempfile.gettempdir()}")
-    print(fmt("plain put+callback (Ping)", res["ping"]))
-    print(fmt("acquire-to-confirmed", res["acquire"]))
-    print(fmt("release-to-confirmed", res["release"]))
+    print(fmt("plain put+callback (Ping)", res["ping"], width=30, unit="ms"))
+    print(fmt("acquire-to-confirmed", res["acquire"], width=30, unit="ms"))
+    print(fmt("release-to-confirmed", res["release"], width=30, unit="ms"))
     base = statistics.median(res["ping"])
     print(f"ratio acquire/plain (median)   {statistics.median(res['acquire']) / base:6.2f}"
           "   (target <= 1.5)")
     print(f"ratio release/plain (median)   {statistics.median(res['release']) / base:6.2f}")
-    print(fmt(f"change -> each of {args.clients} clients", per_client))
-    print(fmt(f"change -> all {args.clients} clients", to_all))
+    print(fmt(f"change -> each of {args.clients} clients", per_client, width=30, unit="ms"))
+    print(fmt(f"change -> all {args.clients} clients", to_all, width=30, unit="ms"))
     return 0
 
 

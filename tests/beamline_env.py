@@ -14,8 +14,8 @@ DB = REPO / "db"
 class SoftIoc(Server):
     """softIoc serving db/ under prefix ``prefix`` with an ACF generated from ``lock_config``.
 
-    stdin is a pipe kept open (``-S``: no interactive shell), so the IOC runs until
-    stop(), which signals its process group.
+    stdin is a pipe kept open and ``-S`` starts no interactive shell, so the IOC runs
+    until stop(), which signals its process group.
     """
 
     def __init__(self, net: CANetwork, workdir: Path, lock_config: Path, *,
@@ -34,18 +34,7 @@ class SoftIoc(Server):
             + "iocInit()\n")
         super().__init__(net, [tool("softIoc"), "-S", str(self.st_cmd)],
                          log=workdir / "softIoc.log", ready_pv=prefix + "RingCurrent",
-                         cwd=workdir, port=port)
-
-    def start(self, wait: bool = True) -> "SoftIoc":
-        log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen(self.argv, env=self.net.server_env(self.port),
-                                     stdout=log, stderr=subprocess.STDOUT,
-                                     stdin=subprocess.PIPE, cwd=self.cwd,
-                                     start_new_session=True)
-        log.close()
-        if wait:
-            self.wait_ready()
-        return self
+                         cwd=workdir, port=port, stdin=subprocess.PIPE)
 
     def pv(self, suffix: str) -> str:
         return self.prefix + suffix

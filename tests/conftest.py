@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from epics_env import CANetwork, LockIOC, epics_bin
+from epics_env import CANetwork, LockIOC, admitting_me, epics_bin
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -29,5 +29,15 @@ def beamline(net, lock_ioc, tmp_path):
     """The simulated beamline softIoc (prefix TST:) gated on ``lock_ioc``."""
     from beamline_env import SoftIoc
     ioc = SoftIoc(net, tmp_path, lock_ioc.config).start()
+    yield ioc
+    ioc.stop()
+
+
+@pytest.fixture
+def lock(net, tmp_path):
+    """A lock IOC that also admits this test process's user (root in CI) as queue/operator."""
+    ioc = LockIOC(net, tmp_path, config_text=admitting_me("TST:LOCK:",
+                                                          tmp_path / "lock-state.sqlite3"))
+    ioc.start()
     yield ioc
     ioc.stop()

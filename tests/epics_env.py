@@ -165,9 +165,9 @@ class Server:
     """A server subprocess with its own port; logs go to a file for diagnosis."""
 
     def __init__(self, net: CANetwork, argv: list[str], *, log: Path, ready_pv: str,
-                 cwd: Path | None = None, port: int | None = None):
+                 cwd: Path | None = None, port: int | None = None, stdin=subprocess.DEVNULL):
         self.net, self.argv, self.log_path, self.ready_pv = net, argv, log, ready_pv
-        self.cwd = cwd
+        self.cwd, self.stdin = cwd, stdin
         self.port = port or free_port()
         self.proc: subprocess.Popen | None = None
         net.add(self.port)
@@ -176,7 +176,7 @@ class Server:
         log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(self.argv, env=self.net.server_env(self.port),
                                      stdout=log, stderr=subprocess.STDOUT,
-                                     stdin=subprocess.DEVNULL, cwd=self.cwd,
+                                     stdin=self.stdin, cwd=self.cwd,
                                      start_new_session=True)
         log.close()
         if wait:
@@ -248,3 +248,14 @@ class LockIOC(Server):
 
 def identity(user: str) -> str:
     return f"{user}@{HOST}"
+
+
+#: The OS user running the tests (root in CI); libca sends this name, whatever $USER says.
+ME = pwd.getpwuid(os.getuid()).pw_name
+
+
+def admitting_me(prefix: str, state) -> str:
+    """The test config with this process's user in the queue and operator groups."""
+    return (TEST_CONFIG.format(prefix=prefix, state=state)
+            .replace("users: [bluesky]", f"users: [bluesky, {ME}]")
+            .replace("users: [operator]", f"users: [operator, {ME}]"))

@@ -7,7 +7,7 @@ import json
 import jsonschema
 import pytest
 
-from architecture import ARCH, SCHEMA, check_graph, load_specs
+from architecture import SCHEMA, check_graph, load_specs
 from epics_env import REPO
 from lock_ioc import contract
 

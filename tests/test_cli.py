@@ -6,34 +6,14 @@ identities act through ``caput`` as real OS users.
 from __future__ import annotations
 
 import json
-import os
-import pwd
 import subprocess
 import sys
 
-import pytest
 
-from epics_env import HOST, TEST_CONFIG, LockIOC, identity
+from epics_env import ME, HOST, TEST_CONFIG, identity
 
-ME = pwd.getpwuid(os.getuid()).pw_name
 MYSELF = f"{ME}@{HOST}"
 ALICE = identity("alice")
-
-
-def admitting_me(prefix: str, state) -> str:
-    """The test config with this process's user in the queue and operator groups."""
-    return (TEST_CONFIG.format(prefix=prefix, state=state)
-            .replace("users: [bluesky]", f"users: [bluesky, {ME}]")
-            .replace("users: [operator]", f"users: [operator, {ME}]"))
-
-
-@pytest.fixture
-def lock(net, tmp_path):
-    ioc = LockIOC(net, tmp_path, config_text=admitting_me("TST:LOCK:",
-                                                          tmp_path / "lock-state.sqlite3"))
-    ioc.start()
-    yield ioc
-    ioc.stop()
 
 
 def lockctl_cmd(*args: str) -> list[str]:

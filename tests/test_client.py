@@ -6,35 +6,14 @@ OS users.
 """
 from __future__ import annotations
 
-import os
-import pwd
 import subprocess
 import sys
 import textwrap
 
-import pytest
 
-from epics_env import HOST, TEST_CONFIG, LockIOC, identity, wait_until
+from epics_env import ME, HOST, identity, wait_until
 
-ME = pwd.getpwuid(os.getuid()).pw_name
 ALICE = identity("alice")
-
-
-def admitting_me(prefix: str, state) -> str:
-    """The test config with this process's user in the queue and operator groups."""
-    return (TEST_CONFIG.format(prefix=prefix, state=state)
-            .replace("users: [bluesky]", f"users: [bluesky, {ME}]")
-            .replace("users: [operator]", f"users: [operator, {ME}]"))
-
-
-@pytest.fixture
-def lock(net, tmp_path):
-    """A lock IOC that admits this test process's user (root in CI)."""
-    ioc = LockIOC(net, tmp_path, config_text=admitting_me("TST:LOCK:",
-                                                          tmp_path / "lock-state.sqlite3"))
-    ioc.start()
-    yield ioc
-    ioc.stop()
 
 
 def client_env(net, ioc, **extra) -> dict:

@@ -8,7 +8,6 @@ as this OS user; other lock holders act through ``caput`` as real OS users.
 from __future__ import annotations
 
 import os
-import pwd
 import signal
 import subprocess
 import sys
@@ -16,28 +15,11 @@ import textwrap
 
 import pytest
 
-from epics_env import REPO, TEST_CONFIG, LockIOC, Server, identity, tool, wait_until
+from epics_env import REPO, Server, identity, tool, wait_until
 
-ME = pwd.getpwuid(os.getuid()).pw_name
 ALICE = identity("alice")
 MOTOR = "GT:mtr1"
 STARTUP = REPO / "clients" / "startup"
-
-
-def admitting_me(prefix: str, state) -> str:
-    """The test config with this process's user in the queue and operator groups."""
-    return (TEST_CONFIG.format(prefix=prefix, state=state)
-            .replace("users: [bluesky]", f"users: [bluesky, {ME}]")
-            .replace("users: [operator]", f"users: [operator, {ME}]"))
-
-
-@pytest.fixture
-def lock(net, tmp_path):
-    ioc = LockIOC(net, tmp_path, config_text=admitting_me("TST:LOCK:",
-                                                          tmp_path / "lock-state.sqlite3"))
-    ioc.start()
-    yield ioc
-    ioc.stop()
 
 
 @pytest.fixture

@@ -58,8 +58,8 @@ def render_acf(config: Config, asg: str = "GATED") -> str:
         "    RULE(1, READ)",
         "}",
         "",
-        f"# A group writes while its gate is 1. Lock IOC unreachable: inputs invalid, "
-        f"no write.",
+        "# A group writes while its gate is 1. Lock IOC unreachable: inputs invalid, "
+        "no write.",
         f"ASG({asg}) {{",
     ]
     for letter, g in zip(INPUTS, groups):
