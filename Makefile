@@ -26,6 +26,12 @@ run: $(STAMP)
 test: $(STAMP) system
 	$(PY) -m pytest $(PYTEST_ARGS)
 
+# The whole system on loopback (lock IOC, beamline softIoc + ACF, Redis, RE Manager);
+# Ctrl-C stops it all. Installs redis-server first if it is missing (needs root).
+demo: $(STAMP)
+	@command -v redis-server >/dev/null 2>&1 || $(MAKE) system
+	$(PY) -m demo $(ARGS)
+
 bench: $(STAMP)
 	for b in bench/bench_*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
 

@@ -1,0 +1,1 @@
+"""The one-command system demo (``python -m demo``, ``make demo``)."""
