@@ -1,0 +1,428 @@
+"""Run a bluesky RunEngine under the beamline lock, through bluesky's own extension points.
+
+``install_lock_guard(RE, lock)`` adds two things to an existing RunEngine and changes
+nothing else (bluesky-queueserver stays unmodified; a profile collection adds two lines):
+
+- a **preprocessor** (``RE.preprocessors``) that wraps every plan. Before the plan's
+  first message it acquires the lock under the queue's session (one CA put, confirmed
+  through the monitors; optionally waiting for a busy lock). If someone else holds the
+  lock the plan fails at once, before any message reaches hardware, with a message
+  naming holder, note and lease end (bluesky-queueserver puts it in the history item and
+  stops the queue). Between two plans the lock stays held; it is released only after
+  ``linger`` seconds with no plan running. While a plan runs, every message that writes
+  to hardware (``set``, ``trigger``, ...) is held back unless this process still holds
+  the lock: a fence against the instant between losing the lock and the suspension.
+- a **suspender** (``RE.install_suspender``) on an ophyd soft ``Signal`` that is 1 while
+  a plan runs and the lock is not (or no longer) held by us. The signal is driven by the
+  lock client's monitor callbacks (no polling). When the lock is revoked mid-plan
+  (``ForceRelease``, lease lost, lock IOC gone), bluesky suspends the plan within a
+  CA round trip and prints why; the plan resumes only when the queue holds the lock
+  again (:meth:`LockGuard.reacquire`, e.g. ``qserver function execute``).
+
+The lease is kept alive by the lock client's background renewal; the guard's CA traffic
+is the client's monitors plus one Acquire per plan and one Release per queue run.
+"""
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import queue
+import threading
+from typing import Any, Generator, Iterable
+
+from bluesky.preprocessors import plan_mutator
+from bluesky.suspenders import SuspendBoolHigh
+from bluesky.utils import Msg
+from ophyd import Signal
+
+from .client import (BeamlineLock, LockDisabled, LockError, LockHeld, LockStatus,
+                     LockUnavailable, until_text)
+
+log = logging.getLogger("beamline_lock.re_guard")
+
+DEFAULT_SESSION = "queue"
+DEFAULT_LINGER = 5.0
+DEFAULT_LEASE = 30.0
+DEFAULT_RESUME_DELAY = 1.0
+#: Plan messages that make a device do something (as opposed to read or bookkeeping).
+WRITE_COMMANDS = frozenset({"set", "trigger", "kickoff", "complete", "configure", "stage",
+                            "unstage", "prepare", "stop"})
+#: How ``print`` lines of the guard start, so they are easy to find in console output.
+TAG = "beamline-lock guard:"
+
+
+class LockSuspender(SuspendBoolHigh):
+    """Suspends while the guard's "lock lost" signal is high; justification says why."""
+
+    def __init__(self, guard: "LockGuard", signal: Signal, sleep: float):
+        super().__init__(signal, sleep=sleep)
+        self._guard = guard
+
+    def _get_justification(self) -> str:
+        if not self.tripped:
+            return ""
+        return f"the queue lost the beamline lock: {self._guard.reason}"
+
+
+class LockGuard:
+    """Holds the beamline lock for a RunEngine while it runs plans (see module doc).
+
+    ``lock``: the process's :class:`BeamlineLock` (the same object the gated devices
+    check, so a grant here opens their gate). ``session``: the queue's lock session.
+    ``linger``: seconds without a running plan before the lock is released. ``wait``:
+    seconds a plan start waits for a busy lock (None: fail at once). ``lease``: the lease
+    the client keeps alive in the background. ``resume_delay``: seconds between the
+    queue holding the lock again and the plan resuming. ``note``: the lock note, to which
+    the running plan's name is added.
+    """
+
+    def __init__(self, lock: BeamlineLock, *, session: str | None = None,
+                 linger: float = DEFAULT_LINGER, wait: float | None = None,
+                 lease: float = DEFAULT_LEASE, resume_delay: float = DEFAULT_RESUME_DELAY,
+                 note: str = "bluesky queue"):
+        _check_seconds("linger", linger, allow_zero=True)
+        _check_seconds("lease", lease)
+        _check_seconds("resume_delay", resume_delay, allow_zero=True)
+        if wait is not None:
+            _check_seconds("wait", wait, allow_zero=True)
+        if not isinstance(lock, BeamlineLock):
+            raise TypeError(f"lock guard: expected the process's BeamlineLock client, got "
+                            f"{lock!r} (is the lock client created before the RunEngine?)")
+        self.lock = lock
+        self.session = session or lock.session or DEFAULT_SESSION
+        self.linger, self.wait, self.lease = float(linger), wait, float(lease)
+        self.note = note
+        self.RE: Any = None
+        self.reason = ""                 # why the guard is (or last was) tripped
+        self.signal = Signal(name="beamline_lock_lost", value=0)
+        self.suspender = LockSuspender(self, self.signal, resume_delay)
+        self._mutex = threading.RLock()  # plan bookkeeping, acquire and release
+        self._active = 0                 # plans started and not yet ended
+        self._attempts = itertools.count(1)
+        self._current_attempt = 0
+        self._armed = False              # a plan runs and we acquired the lock for it
+        self._plan_name = ""
+        self._linger_timer: threading.Timer | None = None
+        self._waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Future]] = []
+        self._waiters_lock = threading.Lock()
+        self._wake: queue.SimpleQueue = queue.SimpleQueue()
+        self._callback_id: int | None = None
+        self._thread = threading.Thread(target=self._run, daemon=True,
+                                        name=f"beamline-lock guard {lock.prefix}")
+        self._installed = False
+
+    # ---- installation --------------------------------------------------------------
+    def install(self, RE: Any) -> "LockGuard":
+        """Add the preprocessor and the suspender to ``RE`` (bluesky's public API)."""
+        if self._installed:
+            raise RuntimeError("this lock guard is already installed")
+        self.RE = RE
+        self._installed = True
+        # This process's gated devices write under the queue's session only.
+        self.lock.session = self.session
+        self._thread.start()
+        RE.preprocessors.append(self.preprocessor)
+        RE.install_suspender(self.suspender)
+        self._callback_id = self.lock.add_callback(self._on_lock_event)
+        self._wake.put("install")
+        self._adopt_leftover()
+        return self
+
+    def uninstall(self) -> None:
+        """Remove what :meth:`install` added and release the lock if we hold it."""
+        if not self._installed:
+            return
+        if self.preprocessor in self.RE.preprocessors:
+            self.RE.preprocessors.remove(self.preprocessor)
+        self.RE.remove_suspender(self.suspender)
+        if self._callback_id is not None:
+            self.lock.remove_callback(self._callback_id)
+        self._cancel_linger()
+        self._release_if_idle(force=True)
+        self._wake.put(None)
+        self._installed = False
+
+    def _adopt_leftover(self) -> None:
+        """A hold of ours left by a previous worker: keep it for ``linger``, then release."""
+        if self.lock.held_by_me:
+            print(f"{TAG} the lock is still held by this queue ({self.lock.identity}, "
+                  f"session {self.session}); releasing it in {self.linger:g} s unless a plan "
+                  "starts", flush=True)
+            with self._mutex:
+                self._schedule_linger()
+
+    # ---- the preprocessor ------------------------------------------------------------
+    def preprocessor(self, plan: Iterable[Msg]) -> Generator[Msg, Any, Any]:
+        """``RE.preprocessors`` entry: the plan, run under the lock."""
+        return self._guarded(plan)
+
+    def _guarded(self, plan: Iterable[Msg]) -> Generator[Msg, Any, Any]:
+        name = getattr(plan, "__name__", "") or type(plan).__name__
+        attempt = self._begin_plan(name)
+        try:
+            yield from self._acquire_for_plan(attempt, name)
+            self._arm(attempt)
+            return (yield from plan_mutator(plan, self._fence))
+        finally:
+            self._end_plan(attempt)
+
+    def _begin_plan(self, name: str) -> int:
+        with self._mutex:
+            self._cancel_linger()
+            self._active += 1
+            self._current_attempt = attempt = next(self._attempts)
+            self._plan_name = name
+            return attempt
+
+    def _acquire_for_plan(self, attempt: int, name: str) -> Generator[Msg, Any, None]:
+        """Acquire (or renew, adding the plan's name to the note) off the RE's loop."""
+        def factory():
+            return asyncio.get_running_loop().run_in_executor(
+                None, self._acquire_blocking, attempt, name)
+        futures = yield Msg("wait_for", None, [factory])
+        exc = futures[0].exception()
+        if exc is not None:
+            raise plan_refusal(name, exc) from None
+
+    def _acquire_blocking(self, attempt: int, name: str) -> LockStatus:
+        note = f"{self.note}: {name}" if name else self.note
+        status = self.lock.acquire(self.session, lease=self.lease, note=note, wait=self.wait,
+                                   keep_alive=True)
+        with self._mutex:
+            if attempt != self._current_attempt or self._active == 0:
+                # The plan was abandoned (paused/aborted) while we waited: no plan needs it.
+                self._schedule_linger()
+        return status
+
+    def _arm(self, attempt: int) -> None:
+        with self._mutex:
+            if attempt == self._current_attempt:
+                self._armed = True
+                self.reason = ""
+        self._wake.put("armed")
+
+    def _end_plan(self, attempt: int) -> None:
+        with self._mutex:
+            self._active = max(0, self._active - 1)
+            if self._active == 0:
+                self._armed = False
+                self._current_attempt = 0
+                self._schedule_linger()
+        self._wake.put("ended")
+
+    # ---- the fence -------------------------------------------------------------------
+    def _fence(self, msg: Msg):
+        """plan_mutator hook: a write goes out only while we hold the lock."""
+        if msg.command not in WRITE_COMMANDS:
+            return None, None
+        return self._permitted(msg), None
+
+    def _permitted(self, msg: Msg) -> Generator[Msg, Any, Any]:
+        while not self.lock.held_by_me and self._re_running():
+            # The monitors say we lost the lock; the suspender trips from the guard's
+            # thread within moments. Hold this write back until the lock is ours again
+            # (after the suspension, bluesky replays from the last checkpoint).
+            self._wake.put("fence")
+            yield Msg("wait_for", None, [self._until_held])
+        return (yield msg)
+
+    def _re_running(self) -> bool:
+        """False while the RE tears a plan down (abort/stop/halt): let cleanup through
+        (the gated devices refuse its writes) rather than block it forever."""
+        state = getattr(self.RE, "state", "running")
+        return str(state) in ("running", "suspending", "pausing")
+
+    async def _until_held(self) -> None:
+        loop = asyncio.get_running_loop()
+        fut = loop.create_future()
+        with self._waiters_lock:
+            self._waiters.append((loop, fut))
+        if self.lock.held_by_me:
+            return
+        await fut
+
+    def _wake_waiters(self) -> None:
+        with self._waiters_lock:
+            waiters, self._waiters = self._waiters, []
+        for loop, fut in waiters:
+            try:
+                loop.call_soon_threadsafe(_set_done, fut)
+            except RuntimeError:  # loop closed
+                pass
+
+    # ---- lock events -> suspender signal (one thread, in order) -------------------------
+    def _on_lock_event(self, status: LockStatus) -> None:
+        self._wake.put(status.event or "change")
+
+    def _run(self) -> None:
+        while True:
+            item = self._wake.get()
+            if item is None:
+                return
+            try:
+                self._sync()
+            except Exception:  # the guard thread must survive anything
+                log.exception("%s could not update the suspender", TAG)
+
+    def _sync(self) -> None:
+        """Make the suspender signal match the lock: 1 iff armed and not held by us."""
+        held = self.lock.held_by_me
+        if held:
+            self._wake_waiters()
+        with self._mutex:
+            armed = self._armed
+        tripped = bool(self.signal.get())
+        if armed and not held and not tripped:
+            self.reason = self._lost_reason()
+            msg = (f"{TAG} SUSPENDING the plan: the queue lost the beamline lock: "
+                   f"{self.reason}. No device writes until the queue holds the lock again "
+                   f"(qserver function execute '{{\"name\": \"lock_reacquire\"}}' background), "
+                   f"or pause and abort the plan (qserver re pause; qserver re abort).")
+            print(msg, flush=True)  # the RE worker's console: qserver console_monitor
+            log.debug(msg)
+            self.signal.put(1)
+        elif tripped and (held or not armed):
+            if held:
+                token = self.lock.token
+                print(f"{TAG} the queue holds the beamline lock again (token {token}); "
+                      f"resuming the plan", flush=True)
+            self.signal.put(0)
+        if armed and not held:
+            self._maybe_adopt()
+
+    def _lost_reason(self) -> str:
+        status = self.lock.status()
+        try:
+            history = self.lock.history()
+        except LockError:
+            history = []
+        if history:  # who took it and why, from the lock IOC's own record
+            return f"lock is {status.describe()}; last lock event: {history[-1]}"
+        return status.lost or f"lock is {status.describe()}"
+
+    def _maybe_adopt(self) -> None:
+        """The queue's own identity and session hold the lock again (e.g. ``lockctl
+        acquire queue`` run as the queue's account): take that grant as ours."""
+        status = self.lock.status()
+        if not (status.connected and status.state == "Held"
+                and status.owner == self.lock.identity and status.session == self.session):
+            return
+        try:
+            self.reacquire()
+        except LockError as exc:
+            log.warning("%s could not take over the queue's grant: %s", TAG, exc)
+
+    # ---- linger and release -------------------------------------------------------------
+    def _schedule_linger(self) -> None:
+        """Caller holds the mutex (or nothing runs concurrently)."""
+        self._cancel_linger()
+        timer = threading.Timer(self.linger, self._release_if_idle)
+        timer.daemon = True
+        timer.name = "beamline-lock guard linger"
+        self._linger_timer = timer
+        timer.start()
+
+    def _cancel_linger(self) -> None:
+        timer, self._linger_timer = self._linger_timer, None
+        if timer is not None:
+            timer.cancel()
+
+    def _release_if_idle(self, force: bool = False) -> None:
+        with self._mutex:
+            if self._active and not force:
+                return
+            if threading.current_thread() is self._linger_timer:
+                self._linger_timer = None
+            if not self.lock.held_by_me:
+                return
+            try:
+                self.lock.release(self.session)
+                print(f"{TAG} released the beamline lock ({self.linger:g} s without a plan)",
+                      flush=True)
+            except LockError as exc:
+                log.warning("%s release after the queue stopped failed: %s", TAG, exc)
+
+    # ---- for the queue server API (functions in the startup namespace) ----------------------
+    def reacquire(self) -> dict:
+        """Acquire the lock for the queue again (resumes a plan suspended by the guard)."""
+        name = self._plan_name if self._active else ""
+        note = f"{self.note}: {name}" if name else self.note
+        with self._mutex:
+            self.lock.acquire(self.session, lease=self.lease, note=note, wait=None,
+                              keep_alive=True)
+            if not self._active:
+                self._schedule_linger()
+        self._wake.put("reacquired")
+        return self.status()
+
+    def status(self) -> dict:
+        """The guard as plain data (JSON-friendly)."""
+        s = self.lock.status()
+        return {"session": self.session, "held_by_queue": s.held_by_me,
+                "plan_running": bool(self._active), "suspended": bool(self.signal.get()),
+                "reason": self.reason if self.signal.get() else "",
+                "lock": s.describe(), "linger": self.linger, "wait": self.wait,
+                "lease": self.lease}
+
+
+def plan_refusal(name: str, exc: BaseException) -> BaseException:
+    """The error a plan fails with when the queue cannot get the lock: who, note, until."""
+    what = f"beamline lock: plan {name!r} not started, no hardware touched"
+    if isinstance(exc, LockHeld):
+        note = f", note {exc.note!r}" if exc.note else ""
+        until = until_text(exc.expiry) if exc.expiry else "unknown"
+        return LockHeld(f"{what}: the lock is held by {exc.owner} (session {exc.session}"
+                        f"{note}) until {until}. Ask the holder to release it "
+                        f"(lockctl release) or an operator to force-release it, then start "
+                        f"the queue again. [{exc}]", owner=exc.owner, session=exc.session,
+                        note=exc.note, expiry=exc.expiry, token=exc.token)
+    if isinstance(exc, LockDisabled):
+        return LockDisabled(f"{what}: {exc}")
+    if isinstance(exc, LockUnavailable):
+        return LockUnavailable(f"{what}: the lock state is unknown: {exc}")
+    if isinstance(exc, LockError):
+        return type(exc)(f"{what}: {exc}")
+    return LockError(f"{what}: {type(exc).__name__}: {exc}")
+
+
+def install_lock_guard(RE: Any, lock: BeamlineLock, *, session: str | None = None,
+                       linger: float = DEFAULT_LINGER, wait: float | None = None,
+                       lease: float = DEFAULT_LEASE,
+                       resume_delay: float = DEFAULT_RESUME_DELAY,
+                       note: str = "bluesky queue") -> LockGuard:
+    """Run every plan of ``RE`` under ``lock`` (see :class:`LockGuard`); returns the guard."""
+    return LockGuard(lock, session=session, linger=linger, wait=wait, lease=lease,
+                     resume_delay=resume_delay, note=note).install(RE)
+
+
+def _set_done(fut: asyncio.Future) -> None:
+    if not fut.done():
+        fut.set_result(None)
+
+
+def _check_seconds(name: str, value: Any, allow_zero: bool = False) -> None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and value == value \
+        and value != float("inf") and (value >= 0 if allow_zero else value > 0)
+    if not ok:
+        bound = "zero or more" if allow_zero else "more than zero"
+        raise ValueError(f"lock guard: {name} must be a number of seconds, {bound}; "
+                         f"got {value!r}")
+
+
+def seconds_from_env(environ: dict, name: str, default: float | None) -> float | None:
+    """A number of seconds from an environment variable ("" or "none": None)."""
+    raw = environ.get(name)
+    if raw is None:
+        return default
+    if raw.strip().lower() in ("", "none", "off"):
+        return None
+    try:
+        return float(raw)
+    except ValueError:
+        raise ValueError(f"{name}={raw!r}: expected a number of seconds (or 'none')") \
+            from None
+
+
+__all__ = ["LockGuard", "LockSuspender", "install_lock_guard", "plan_refusal",
+           "seconds_from_env", "WRITE_COMMANDS", "DEFAULT_LINGER", "DEFAULT_LEASE"]
