@@ -1,0 +1,225 @@
+"""The real ophyd-websocket server and a real websocket client, for the tests.
+
+``OphydWebsocket`` runs the unmodified ``ophyd-websocket`` console script of the venv on a
+free port, configured only through its environment: the documented seat configuration
+``clients/websocket/seat.env`` (``OAS_STARTUP_DIR=clients/startup``, the shared gated
+startup directory, relative to the checkout it runs in), then ``OAS_HOST``/``OAS_PORT``,
+the CA environment of the test network and the seat's ``LOCK_*`` settings. It runs in
+its own process group, which ``stop()`` always kills entirely.
+
+``WsClient`` is a plain ``websockets`` client whose reader thread stamps every message
+with ``time.monotonic()`` on arrival, so a test can compare when an update arrived with
+when the CA put that caused it returned.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+from collections.abc import Callable
+from typing import Any
+
+from websockets.sync.client import ClientConnection, connect
+
+from epics_env import ME, REPO, TEST_CONFIG, CANetwork, free_port
+
+#: The documented seat configuration; the tests start from it and override ports,
+#: prefixes and the seat's session.
+SEAT_ENV = REPO / "clients" / "websocket" / "seat.env"
+#: The console script pip installed for ophyd-websocket (runs ophyd_websocket.server:main).
+OWS_SCRIPT = Path(sys.executable).parent / "ophyd-websocket"
+#: Devices 10-devices.py defines; the server is ready when its registry lists them all.
+DEVICES = ("beam", "det", "m1", "m2", "shutter")
+
+
+def web_seat_config(prefix: str, state: Path) -> str:
+    """The test lock config plus a ``web`` group holding only this OS user (the seat's
+    CA identity: ophyd-websocket runs as the test's user). This user is in no other
+    group, so the device IOC's ACF gates the seat's direct PV writes on ``Gate:web``."""
+    return TEST_CONFIG.format(prefix=prefix, state=state) + f"  web:      {{users: [{ME}]}}\n"
+
+
+def read_env_file(path: Path) -> dict[str, str]:
+    """``KEY=VALUE`` lines of a shell environment file (comments and blanks skipped)."""
+    env = {}
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        key, sep, val = line.partition("=")
+        if not sep or not key.isidentifier():
+            raise ValueError(f"{path}:{number}: expected KEY=VALUE, got {line!r}")
+        env[key] = val
+    return env
+
+
+class OphydWebsocket:
+    """``ophyd-websocket`` on a free port of 127.0.0.1, one lock seat.
+
+    ``session``: the seat's ``LOCK_SESSION`` (e.g. ``web:alice``): its gated devices write
+    while the lock is held by this OS user under that session (or while Free, with
+    ``allow_free_writes``).
+    """
+
+    def __init__(self, net: CANetwork, workdir: Path, *, lock_prefix: str,
+                 beamline_prefix: str, session: str | None, allow_free_writes: bool = False,
+                 name: str = "ows") -> None:
+        self.net, self.port = net, free_port()
+        self.log_path = workdir / f"{name}.log"
+        self.env = net.client_env()
+        self.env.update(read_env_file(SEAT_ENV))
+        self.env.update(
+            OAS_HOST="127.0.0.1", OAS_PORT=str(self.port),
+            LOCK_PREFIX=lock_prefix, BEAMLINE_PREFIX=beamline_prefix,
+            LOCK_SESSION=session or "", LOCK_ALLOW_FREE_WRITES="1" if allow_free_writes else "0",
+            LOCK_CONNECT_TIMEOUT="10", PYTHONUNBUFFERED="1")
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def http(self) -> str:
+        return f"http://127.0.0.1:{self.port}/api/v1"
+
+    @property
+    def pv_socket(self) -> str:
+        return f"ws://127.0.0.1:{self.port}/api/v1/pv-socket"
+
+    @property
+    def device_socket(self) -> str:
+        return f"ws://127.0.0.1:{self.port}/api/v1/device-socket"
+
+    def start(self, timeout: float = 90) -> OphydWebsocket:
+        """Start it and wait until its registry lists the startup directory's devices."""
+        if not OWS_SCRIPT.exists():
+            raise RuntimeError(f"ophyd-websocket is not installed in this venv ({OWS_SCRIPT})")
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen([str(OWS_SCRIPT)], env=self.env, cwd=REPO,
+                                         stdout=log, stderr=subprocess.STDOUT,
+                                         stdin=subprocess.DEVNULL, start_new_session=True)
+        deadline = time.monotonic() + timeout
+        try:
+            while not self._lists_devices():
+                if _exited(self.proc.pid):
+                    raise RuntimeError(f"ophyd-websocket exited at startup; log:\n"
+                                       f"{self.log()[-4000:]}")
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"ophyd-websocket on port {self.port} did not list "
+                                       f"{DEVICES} within {timeout} s; log:\n"
+                                       f"{self.log()[-4000:]}")
+                time.sleep(0.2)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _lists_devices(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"{self.http}/devices", timeout=2) as answer:
+                listed = json.load(answer).get("devices", [])
+        except (OSError, ValueError):
+            return False
+        return tuple(sorted(listed)) == DEVICES
+
+    def stop(self) -> None:
+        """TERM the whole process group, then KILL what is left of it, then reap.
+
+        The leader is reaped last, so its process group id cannot be reused meanwhile.
+        """
+        proc = self.proc
+        if proc is None or proc.returncode is not None:
+            return
+        _signal_group(proc.pid, signal.SIGTERM)
+        deadline = time.monotonic() + 10
+        while not _exited(proc.pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        _signal_group(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+
+def _signal_group(pgid: int, sig: int) -> None:
+    try:
+        os.killpg(pgid, sig)
+    except ProcessLookupError:
+        pass
+
+
+def _exited(pid: int) -> bool:
+    """Whether child ``pid`` has exited, without reaping it."""
+    return os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
+
+
+Message = dict[str, Any]
+
+
+class WsClient:
+    """A websocket client whose reader thread keeps every message with its arrival time."""
+
+    def __init__(self, url: str, timeout: float = 10) -> None:
+        # Entered like ``with connect(...)`` (what websockets >= 17.1 asks for); close()
+        # is the exit.
+        self.ws: ClientConnection = connect(url, open_timeout=timeout,
+                                            max_size=None).__enter__()
+        self.messages: list[tuple[float, Message]] = []
+        self._cond = threading.Condition()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        try:
+            for raw in self.ws:
+                now = time.monotonic()
+                try:
+                    msg = json.loads(raw)
+                except ValueError:
+                    msg = {"unparsed": raw}
+                with self._cond:
+                    self.messages.append((now, msg))
+                    self._cond.notify_all()
+        except Exception:  # noqa: BLE001 - connection closed: waiters time out and say so
+            pass
+
+    def send(self, **msg: Any) -> int:
+        """Send ``msg`` as JSON; returns the index of the next message to arrive."""
+        with self._cond:
+            start = len(self.messages)
+        self.ws.send(json.dumps(msg))
+        return start
+
+    def mark(self) -> int:
+        with self._cond:
+            return len(self.messages)
+
+    def wait_for(self, match: Callable[[Message], bool], timeout: float = 15,
+                 start: int = 0, what: str = "") -> tuple[float, Message]:
+        """The first message from index ``start`` on that ``match``es: (arrival, message)."""
+        deadline = time.monotonic() + timeout
+        seen = start
+        with self._cond:
+            while True:
+                for arrived, msg in self.messages[seen:]:
+                    if match(msg):
+                        return arrived, msg
+                seen = len(self.messages)
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    recent = [m for _, m in self.messages[start:]][-15:]
+                    raise AssertionError(f"no websocket message {what or match} within "
+                                         f"{timeout} s; recent: {recent}")
+                self._cond.wait(left)
+
+    def request(self, msg: Message, match: Callable[[Message], bool], wait: float = 15,
+                what: str = "") -> Message:
+        """Send ``msg`` and wait (up to ``wait`` s) for the reply that ``match``es."""
+        return self.wait_for(match, wait, self.send(**msg), what or str(msg))[1]
+
+    def close(self) -> None:
+        self.ws.close()
+        self._reader.join(5)
