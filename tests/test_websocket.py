@@ -298,6 +298,18 @@ def test_lock_ioc_down_web_sets_refused_lock_state_unknown(net, web_lock, web_be
     assert float(net.caget(B + "m1")) == 0.3
 
 
+def test_seat_started_while_the_lock_ioc_is_down_refuses_sets(net, web_lock, web_beamline,
+                                                               seats, ws):
+    web_lock.stop()
+    seat = seats("web:alice", allow_free_writes=True, env={"LOCK_CONNECT_TIMEOUT": "1"})
+    devices = ws(seat.device_socket)
+    subscribe_devices(devices, ["m1"])
+    refused = device_set(devices, "m1", 0.6)
+    assert refused["error"] == "Could not set value of m1 to 0.6: m1: write refused: the " \
+                               f"lock state is unknown: lock IOC {P} is not connected", refused
+    assert float(net.caget(B + "m1")) == 0.0
+
+
 def test_bad_input_from_a_page_gets_a_clear_answer(net, seats, ws):
     seat = seats("web:alice")
     page = ws(seat.pv_socket)

@@ -64,12 +64,12 @@ class OphydWebsocket:
 
     ``session``: the seat's ``LOCK_SESSION`` (e.g. ``web:alice``): its gated devices write
     while the lock is held by this OS user under that session (or while Free, with
-    ``allow_free_writes``).
+    ``allow_free_writes``). ``env``: further environment, applied last.
     """
 
     def __init__(self, net: CANetwork, workdir: Path, *, lock_prefix: str,
                  beamline_prefix: str, session: str | None, allow_free_writes: bool = False,
-                 name: str = "ows") -> None:
+                 name: str = "ows", env: dict[str, str] | None = None) -> None:
         self.net, self.port = net, free_port()
         self.log_path = workdir / f"{name}.log"
         self.env = net.client_env()
@@ -79,6 +79,7 @@ class OphydWebsocket:
             LOCK_PREFIX=lock_prefix, BEAMLINE_PREFIX=beamline_prefix,
             LOCK_SESSION=session or "", LOCK_ALLOW_FREE_WRITES="1" if allow_free_writes else "0",
             LOCK_CONNECT_TIMEOUT="10", PYTHONUNBUFFERED="1")
+        self.env.update(env or {})
         self.proc: subprocess.Popen | None = None
 
     @property
