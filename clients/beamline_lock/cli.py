@@ -134,22 +134,27 @@ def watch_line(st: LockStatus) -> str:
 
 def _watch(lock: BeamlineLock, count: int | None, duration: float | None,
            out: Callable[[str], None]) -> int:
-    """Print a line on every change of the view (driven by the lock's monitors)."""
+    """Print a line on every change of the view (driven by the lock's monitors).
+
+    Exits 0 once the lock IOC answered at least once, else 3 (unreachable), so a script
+    can tell "watched the lock" from "watched nothing"."""
     changed = threading.Event()
     lock.add_callback(lambda st: changed.set())
     deadline = None if duration is None else time.monotonic() + duration
-    last, printed = None, 0
+    last, printed, reached = None, 0, False
     while True:
-        view = watch_line(lock.status())
+        status = lock.status()
+        reached = reached or status.connected
+        view = watch_line(status)
         key = view[9:]  # without the time stamp
         if key != last:
             out(view)
             last, printed = key, printed + 1
             if count is not None and printed >= count:
-                return OK
+                return OK if reached else UNREACHABLE
         left = None if deadline is None else deadline - time.monotonic()
         if left is not None and left <= 0:
-            return OK
+            return OK if reached else UNREACHABLE
         # Wake on a monitor update; at least once a second so a silent IOC shows up.
         if changed.wait(1.0 if left is None else min(1.0, left)):
             time.sleep(SETTLE)  # one command updates several PVs: show the result once
