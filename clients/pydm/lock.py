@@ -1,0 +1,113 @@
+"""PyDM display of the beamline lock: ``pydm -m "P=BL:LOCK:" clients/pydm/lock.py``.
+
+The widgets and every PV name are in ``lock.ui``, generated from the PV contract by
+``clients/screens_gen.py``. This file adds what a .ui cannot express:
+
+* the command buttons write text built from the entries (Acquire sends
+  ``{"session", "lease", "note"}`` as JSON; Renew and Release name the session shown),
+  as UTF-8 bytes to the command's CHAR-array PV through the button's own channel, so
+  PyDM still greys a button out when its PV is disconnected or not writable;
+* the State label's colour (Free green, Held amber, Disabled red, grey when the IOC
+  is unreachable, with PyDM's disconnected border);
+* "you: user@host", the CA identity the lock sees for this screen.
+
+A refused command changes nothing; the lock's reason appears in "Last message".
+"""
+from __future__ import annotations
+
+import json
+import os
+import pwd
+import socket
+from typing import Callable
+
+import numpy as np
+from pydm import Display
+from pydm.widgets.channel import PyDMChannel
+
+
+def identity() -> str:
+    """The CA identity libca sends for this process (OS user of the uid, host name)."""
+    return f"{pwd.getpwuid(os.getuid()).pw_name}@{socket.gethostname()}"
+
+
+def encode(text: str) -> np.ndarray:
+    """Text as a NUL-terminated UTF-8 CHAR array (what ``caput -S`` sends)."""
+    return np.frombuffer(text.encode("utf-8") + b"\0", dtype=np.uint8)
+
+
+class LockDisplay(Display):
+    """The lock screen; see the module docstring."""
+
+    def __init__(self, parent=None, args=None, macros=None):
+        super().__init__(parent=parent, args=args, macros=macros, ui_filename="lock.ui")
+        ui = self.ui
+        ui.you.setText(f"you: {identity()}")
+        builds: dict[str, Callable[[], str]] = {
+            "acquire": self._acquire_text,
+            "renew": self._renew_text,
+            "release": self._shown_session,
+            "force_release": self._reason_text,
+            "disable": self._reason_text,
+            "enable": self._reason_text,
+        }
+        for name, build in builds.items():
+            button = getattr(ui, name)
+            button.clicked.disconnect()          # not PyDMPushButton's fixed pressValue
+            button.clicked.connect(lambda _=False, b=button, f=build: self.send(b, f()))
+        self._enum: tuple[str, ...] = ()
+        self._state_channel = PyDMChannel(
+            address=ui.state.channel, value_slot=self._state_value,
+            enum_strings_slot=self._state_enums, connection_slot=self._state_connection)
+        self._state_channel.connect()
+
+    # ---- what each command writes ---------------------------------------------------
+    # (PyDM also sets each widget of the .ui as an attribute of the display: no method
+    # may be named like a widget.)
+    def _acquire_text(self) -> str:
+        request: dict = {"session": self.ui.acquire_session.text().strip()}
+        if self.ui.acquire_lease.value() > 0:
+            request["lease"] = self.ui.acquire_lease.value()
+        if self.ui.acquire_note.text().strip():
+            request["note"] = self.ui.acquire_note.text().strip()
+        return json.dumps(request)
+
+    def _renew_text(self) -> str:
+        request: dict = {"session": self._shown_session()}
+        if self.ui.acquire_lease.value() > 0:
+            request["lease"] = self.ui.acquire_lease.value()
+        return json.dumps(request)
+
+    def _shown_session(self) -> str:
+        return self.ui.session.text().strip()
+
+    def _reason_text(self) -> str:
+        return self.ui.reason.text().strip()
+
+    @staticmethod
+    def send(button, text: str) -> None:
+        """Confirm if the button asks to, then write through the button's channel."""
+        if not button.confirm_dialog():
+            return
+        button.send_value_signal[np.ndarray].emit(encode(text))
+
+    # ---- state colour -----------------------------------------------------------------
+    def _state_enums(self, names) -> None:
+        self._enum = tuple(names)
+
+    def _state_value(self, value) -> None:
+        try:
+            name = self._enum[int(value)]
+        except (IndexError, TypeError, ValueError):
+            name = ""
+        self._set_state_property(name)
+
+    def _state_connection(self, connected: bool) -> None:
+        if not connected:
+            self._set_state_property("")
+
+    def _set_state_property(self, name: str) -> None:
+        label = self.ui.state
+        label.setProperty("lockState", name)
+        label.style().unpolish(label)
+        label.style().polish(label)

@@ -1,0 +1,346 @@
+"""Operator screens under test: a PyDM screen driven headless, and static screen checks.
+
+:class:`PyDMScreen` runs the real ``PyDMApplication`` (as the ``pydm`` command does) in
+a subprocess with ``QT_QPA_PLATFORM=offscreen`` and the test's CA environment (libca
+reads it once per process), and drives it over stdin/stdout, one JSON request per
+line: read a widget's text, enabled state or property, type into an entry, click a
+button (answering its confirmation dialog), save a screenshot.
+
+    python tests/screens_env.py shoot docs/screens   # regenerate the README screenshots
+
+The static half parses the generated ``.bob`` / ``.ui`` files and lists every PV,
+macro, write and script they contain, for the tests to check against the contract
+and against live IOCs.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+CLIENTS = REPO / "clients"
+SCREENS = {"lock": ("P",), "devices": ("P", "DEV", "GROUP")}
+
+
+# ---- driving a PyDM screen ----------------------------------------------------------
+class ScreenError(AssertionError):
+    """The screen process failed or answered an error."""
+
+
+class PyDMScreen:
+    """A PyDM display in its own process, driven through Qt (not through CA)."""
+
+    def __init__(self, net, screen: str, macros: dict[str, str], log: Path,
+                 timeout: float = 60):
+        self.screen, self.macros, self.log_path, self.timeout = screen, macros, log, timeout
+        path = CLIENTS / "pydm" / ("lock.py" if screen == "lock" else f"{screen}.ui")
+        env = net.client_env()
+        runtime = log.parent / "xdg-runtime"
+        runtime.mkdir(mode=0o700, exist_ok=True)
+        env.update(QT_QPA_PLATFORM="offscreen", XDG_RUNTIME_DIR=str(runtime),
+                   PYTHONUNBUFFERED="1")
+        env.pop("DISPLAY", None)
+        self._log = open(log, "ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, str(Path(__file__)), "drive", str(path), json.dumps(macros)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._log, env=env,
+            text=True, start_new_session=True)
+        self.request({"op": "ping"})
+
+    def request(self, req: dict):
+        if self.proc.poll() is not None:
+            raise ScreenError(f"PyDM process exited ({self.proc.returncode}):\n{self.log()}")
+        self.proc.stdin.write(json.dumps(req) + "\n")
+        self.proc.stdin.flush()
+        line = self.proc.stdout.readline()
+        if not line:
+            self.proc.wait(10)
+            raise ScreenError(f"PyDM process ended ({self.proc.returncode}) during {req}:\n"
+                              f"{self.log()}")
+        reply = json.loads(line)
+        if "error" in reply:
+            raise ScreenError(f"{req}: {reply['error']}")
+        return reply.get("value")
+
+    def text(self, widget: str) -> str:
+        return self.request({"op": "text", "widget": widget})
+
+    def enabled(self, widget: str) -> bool:
+        return self.request({"op": "enabled", "widget": widget})
+
+    def prop(self, widget: str, name: str):
+        return self.request({"op": "property", "widget": widget, "name": name})
+
+    def type(self, widget: str, value) -> None:
+        self.request({"op": "type", "widget": widget, "value": value})
+
+    def click(self, widget: str, confirm: bool | None = None) -> None:
+        """Click like a user; ``confirm``: answer the button's Yes/No dialog."""
+        self.request({"op": "click", "widget": widget, "confirm": confirm})
+
+    def grab(self, path: Path) -> Path:
+        self.request({"op": "grab", "path": str(path)})
+        return path
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")[-4000:]
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            try:
+                self.request({"op": "quit"})
+                self.proc.wait(10)
+            except (ScreenError, OSError, subprocess.TimeoutExpired, ValueError):
+                pass
+        if self.proc.poll() is None:
+            import signal
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(10)
+        self._log.close()
+
+
+def _drive(path: str, macros_json: str) -> int:
+    """The screen process: PyDMApplication + a JSON-lines request loop on stdin."""
+    import threading
+
+    from pydm import PyDMApplication
+    from qtpy import QtCore, QtWidgets
+
+    app = PyDMApplication(ui_file=path, macros=json.loads(macros_json), hide_nav_bar=True,
+                          hide_menu_bar=True, hide_status_bar=True)
+    display = app.main_window.display_widget()
+    out = sys.stdout
+    raised: list[str] = []
+
+    def excepthook(kind, exc, tb) -> None:
+        """An exception in a Qt slot only prints; make the next request fail with it."""
+        import traceback
+        raised.append("".join(traceback.format_exception(kind, exc, tb)))
+        sys.__excepthook__(kind, exc, tb)
+
+    sys.excepthook = excepthook
+
+    def find(name: str) -> QtWidgets.QWidget:
+        widget = display.findChild(QtWidgets.QWidget, name)
+        if widget is None:
+            raise KeyError(f"no widget named {name!r} in {path}")
+        return widget
+
+    def answer_dialog(yes: bool) -> None:
+        box = app.activeModalWidget()
+        if isinstance(box, QtWidgets.QMessageBox):
+            box.button(QtWidgets.QMessageBox.Yes if yes else QtWidgets.QMessageBox.No).click()
+        else:
+            QtCore.QTimer.singleShot(20, lambda: answer_dialog(yes))
+
+    def handle(req: dict):
+        if raised:
+            raise RuntimeError("the screen raised:\n" + "\n".join(raised))
+        op = req["op"]
+        if op == "ping":
+            return True
+        if op == "quit":
+            app.quit()
+            return True
+        if op == "grab":
+            app.processEvents()
+            if not app.main_window.grab().save(req["path"], "PNG"):
+                raise OSError(f"could not write {req['path']}")
+            return req["path"]
+        widget = find(req["widget"])
+        if op == "text":
+            return widget.text()
+        if op == "enabled":
+            return widget.isEnabled()
+        if op == "property":
+            value = widget.property(req["name"])
+            return value if isinstance(value, (str, int, float, bool, type(None))) else str(value)
+        if op == "type":
+            if isinstance(widget, QtWidgets.QDoubleSpinBox):
+                widget.setValue(float(req["value"]))
+            else:
+                widget.clear()
+                widget.insert(str(req["value"]))
+            return True
+        if op == "click":
+            if not widget.isEnabled():
+                raise RuntimeError(f"{req['widget']} is disabled")
+            if req.get("confirm") is not None:
+                QtCore.QTimer.singleShot(20, lambda: answer_dialog(bool(req["confirm"])))
+            widget.click()
+            return True
+        raise ValueError(f"unknown op {op!r}")
+
+    class Bridge(QtCore.QObject):
+        request = QtCore.Signal(str)
+
+        @QtCore.Slot(str)
+        def run(self, line: str) -> None:
+            try:
+                reply = {"value": handle(json.loads(line))}
+            except Exception as exc:  # noqa: BLE001 - reported to the test, which fails
+                reply = {"error": f"{type(exc).__name__}: {exc}"}
+            out.write(json.dumps(reply) + "\n")
+            out.flush()
+
+    bridge = Bridge()
+    bridge.request.connect(bridge.run, QtCore.Qt.QueuedConnection)
+
+    def read_stdin() -> None:
+        for line in sys.stdin:
+            if line.strip():
+                bridge.request.emit(line)
+        QtCore.QMetaObject.invokeMethod(app, "quit", QtCore.Qt.QueuedConnection)
+
+    threading.Thread(target=read_stdin, daemon=True).start()
+    app.main_window.resize(display.sizeHint().expandedTo(display.size()))
+    return app.exec_()
+
+
+# ---- static checks of the screen files -------------------------------------------------
+PHOEBUS_MACRO = re.compile(r"\$\((\w+)\)")
+PYDM_MACRO = re.compile(r"\$\{(\w+)\}")
+#: Macros Phoebus itself defines for every display and widget.
+PHOEBUS_BUILTIN = {"DID", "DNAME", "pv_name", "pv_value", "actions"}
+
+
+def bob_widgets(path: Path) -> list[ET.Element]:
+    return list(ET.parse(path).getroot().iter("widget"))
+
+
+def bob_pvs(path: Path) -> list[tuple[str, str, str]]:
+    """(widget name, where, PV name as written) for every PV a .bob names."""
+    found = []
+    for w in bob_widgets(path):
+        name = w.findtext("name", "")
+        pv = w.findtext("pv_name")
+        if pv:
+            found.append((name, "pv_name", pv))
+        for rule in w.iter("rule"):
+            for rpv in rule.iter("pv_name"):
+                found.append((name, f"rule {rule.get('name')}", rpv.text or ""))
+        for action in w.iter("action"):
+            apv = action.findtext("pv_name")
+            if apv:
+                found.append((name, f"action {action.get('type')}",
+                              pv if apv == "$(pv_name)" else apv))
+    return found
+
+
+def ui_pvs(path: Path) -> list[tuple[str, str, str]]:
+    """(widget name, where, PV name with ``${}`` macros) for every channel a .ui names."""
+    found = []
+    for w in ET.parse(path).getroot().iter("widget"):
+        name = w.get("name")
+        for prop in w.findall("property"):
+            value = prop.findtext("string") or ""
+            if prop.get("name") == "channel" and value:
+                found.append((name, "channel", value))
+            if prop.get("name") == "rules" and value:
+                for rule in json.loads(value):
+                    for ch in rule["channels"]:
+                        found.append((name, f"rule {rule['name']}", ch["channel"]))
+    return found
+
+
+def ui_props(widget: ET.Element) -> dict[str, str]:
+    out = {}
+    for prop in widget.findall("property"):
+        child = next(iter(prop), None)
+        out[prop.get("name")] = "" if child is None else (child.text or "").strip()
+    return out
+
+
+def expand(text: str, macros: dict[str, str], pattern: re.Pattern) -> str:
+    return pattern.sub(lambda m: macros.get(m.group(1), m.group(0)), text)
+
+
+#: The templates the simulated beamline loads (as beamline_env.SoftIoc and st.cmd do).
+DB_LOADS = (("shutter.db", {}), ("softMotor.db", {"M": "m1", "EGU": "mm"}),
+            ("softMotor.db", {"M": "m2", "EGU": "deg"}), ("detector.db", {}),
+            ("beamline.db", {}))
+
+
+def device_records(prefix: str) -> dict[str, str]:
+    """Record name -> record type of the simulated beamline (db/) under ``prefix``."""
+    records = {}
+    for name, macros in DB_LOADS:
+        values = {"P": prefix, **macros}
+        text = (REPO / "db" / name).read_text()
+        for rtype, rname in re.findall(r'record\((\w+),\s*"([^"]+)"\)', text):
+            full = re.sub(r"\$\((\w+)(?:=([^)]*))?\)",
+                          lambda m, v=values: v.get(m.group(1), m.group(2) or ""), rname)
+            records[full] = rtype
+    return records
+
+
+# ---- README screenshots --------------------------------------------------------------
+def shoot(dest: Path) -> int:
+    """Render the PyDM screens against real IOCs in a typical state, as PNGs in ``dest``.
+
+    alice holds the lock (after a short queue session by bluesky); the lock screen is
+    seen by this OS user; the device panel as a ``queue`` member, once while alice holds
+    the lock (greyed out) and once after she released it.
+    """
+    import tempfile
+
+    from beamline_env import SoftIoc
+    from epics_env import CANetwork, LockIOC, admitting_me, wait_until
+
+    dest.mkdir(parents=True, exist_ok=True)
+    net = CANetwork()
+    work = Path(tempfile.mkdtemp(prefix="screens-"))
+    lock = LockIOC(net, work, prefix="BL:LOCK:",
+                   config_text=admitting_me("BL:LOCK:", work / "lock-state.sqlite3"))
+    devices = SoftIoc(net, work, lock.config, prefix="BL:")
+    screens: list[PyDMScreen] = []
+    try:
+        lock.start()
+        devices.start()
+        for pv, value in (("Shutter:Open", "0"), ("m1", "1.5"), ("m2", "10")):
+            net.caput(devices.pv(pv), value, user="bluesky", text=False).check_returncode()
+        for user, pv, value in (
+                ("bluesky", "Acquire", '{"session": "queue", "lease": 60, "note": "scan 17"}'),
+                ("bluesky", "Release", "queue"),
+                ("alice", "Acquire",
+                 '{"session": "align", "lease": 1800, "note": "aligning the DCM"}')):
+            net.caput(lock.pv(pv), value, user=user).check_returncode()
+        screen = PyDMScreen(net, "lock", {"P": "BL:LOCK:"}, work / "pydm-lock.log")
+        screens.append(screen)
+        wait_until(lambda: screen.prop("state", "lockState") == "Held", 30, 0.2)
+        screen.type("acquire_session", "scan42")
+        screen.type("acquire_note", "Fe K-edge XANES")
+        screen.grab(dest / "pydm-lock.png")
+        panel = PyDMScreen(net, "devices", {"P": "BL:LOCK:", "DEV": "BL:", "GROUP": "queue"},
+                           work / "pydm-devices.log")
+        screens.append(panel)
+        wait_until(lambda: panel.text("gate") == "0" and panel.text("m1_rbv"), 30, 0.2)
+        panel.grab(dest / "pydm-devices-locked.png")
+        net.caput(lock.pv("Release"), "align", user="alice").check_returncode()
+        wait_until(lambda: panel.enabled("shutter_open"), 30, 0.2)
+        panel.grab(dest / "pydm-devices.png")
+        print("\n".join(str(p) for p in sorted(dest.glob("pydm-*.png"))))
+        return 0
+    finally:
+        for screen in screens:
+            screen.close()
+        devices.stop()
+        lock.stop()
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 4 and sys.argv[1] == "drive":
+        sys.exit(_drive(sys.argv[2], sys.argv[3]))
+    if len(sys.argv) == 3 and sys.argv[1] == "shoot":
+        sys.exit(shoot(Path(sys.argv[2])))
+    print("usage: python tests/screens_env.py shoot DIR   (regenerate README screenshots)",
+          file=sys.stderr)
+    sys.exit(2)

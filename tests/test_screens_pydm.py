@@ -1,0 +1,191 @@
+"""The PyDM screens, headless (QT_QPA_PLATFORM=offscreen), against a live lock IOC and the
+simulated beamline's softIoc, driven through Qt like a person would.
+
+The screen's CA identity is this test process's OS user (root in CI), whom the ``lock``
+fixture's config admits as a queue and operator member. ``lockctl`` runs as this user
+too (the venv is not readable by other users); alice acts through the real ``caput`` as
+the OS user alice.
+"""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from epics_env import HOST, ME, LockIOC, admitting_me, identity, wait_until
+from screens_env import PyDMScreen
+
+MYSELF = f"{ME}@{HOST}"
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture
+def lock_screen(net, lock, tmp_path):
+    screen = PyDMScreen(net, "lock", {"P": lock.prefix}, tmp_path / "pydm-lock.log")
+    yield screen
+    screen.close()
+
+
+def lockctl(net, lock, *args: str) -> subprocess.CompletedProcess:
+    env = net.client_env()
+    env["LOCK_PREFIX"] = lock.prefix
+    return subprocess.run([sys.executable, "-m", "beamline_lock.cli", *args], env=env,
+                          capture_output=True, text=True, timeout=60)
+
+
+def shows(screen: PyDMScreen, widget: str, text: str, timeout: float = 20) -> str:
+    return wait_until(lambda: screen.text(widget) == text, timeout, 0.1,
+                      what=f"{widget} to show {text!r}")
+
+
+def test_lockctl_acquire_shows_owner_and_release_button_frees(net, lock, lock_screen,
+                                                               tmp_path):
+    shows(lock_screen, "state", "Free")
+    assert lock_screen.prop("state", "lockState") == "Free"
+    assert lock_screen.text("you") == f"you: {MYSELF}"
+
+    r = lockctl(net, lock, "acquire", "beamtime", "--lease", "300", "--note", "Fe edge scan")
+    assert r.returncode == 0, r.stderr
+    shows(lock_screen, "owner", MYSELF)          # the identity of whoever ran lockctl
+    shows(lock_screen, "state", "Held")
+    wait_until(lambda: lock_screen.prop("state", "lockState") == "Held", 10, 0.1)
+    assert lock_screen.text("session") == "beamtime"
+    assert lock_screen.text("note") == "Fe edge scan"
+    assert lock_screen.text("token") == "1"
+    wait_until(lambda: lock_screen.text("remaining").endswith(" s")
+               and 0 < float(lock_screen.text("remaining")[:-2]) <= 300, 10, 0.1)
+    assert "acquired " + MYSELF in lock_screen.text("history")
+
+    shot = lock_screen.grab(tmp_path / "pydm-lock.png")     # the test's artifact
+    data = shot.read_bytes()
+    assert data.startswith(PNG_MAGIC) and len(data) > 10_000
+    print(f"screenshot: {shot}")
+
+    lock_screen.click("release")
+    shows(lock_screen, "state", "Free")
+    assert net.caget(lock.pv("State")) == "Free"
+    assert lock_screen.text("owner") == ""
+    assert "released " + MYSELF in lock_screen.text("history").splitlines()[-1]
+
+
+def test_acquire_renew_release_from_the_screen_with_utf8_note(net, lock, lock_screen):
+    shows(lock_screen, "state", "Free")
+    note = "Fe K-edge – Probe ü"
+    lock_screen.type("acquire_session", "align")
+    lock_screen.type("acquire_note", note)
+    lock_screen.type("acquire_lease", 30)
+    lock_screen.click("acquire")
+    shows(lock_screen, "owner", MYSELF)
+    shows(lock_screen, "note", note)           # UTF-8 through JSON, back through CA
+    assert lock_screen.text("session") == "align"
+    assert 0 < float(lock_screen.text("remaining")[:-2]) <= 30
+    assert net.caget(lock.pv("Session")) == "align"
+
+    lock_screen.type("acquire_lease", 900)
+    lock_screen.click("renew")
+    wait_until(lambda: float(lock_screen.text("remaining")[:-2]) > 800, 10, 0.1)
+    assert "renewed" in lock_screen.text("message")
+
+    lock_screen.click("release")
+    shows(lock_screen, "state", "Free")
+
+    lock_screen.type("acquire_session", "")      # bad input: the lock's reason is shown
+    lock_screen.click("acquire")
+    wait_until(lambda: "session name is empty" in lock_screen.text("message"), 10, 0.1)
+    assert net.caget(lock.pv("State")) == "Free"
+
+
+def test_other_holder_is_shown_and_only_an_operator_confirmed_force_release_frees(
+        net, lock, lock_screen):
+    shows(lock_screen, "state", "Free")
+    body = '{"session": "align", "lease": 600, "note": "aligning the DCM"}'
+    assert net.caput(lock.pv("Acquire"), body, user="alice").returncode == 0
+    shows(lock_screen, "owner", identity("alice"))
+    shows(lock_screen, "state", "Held")
+
+    lock_screen.click("release")                 # not the holder: refused, nothing changes
+    wait_until(lambda: "do not hold the lock" in lock_screen.text("message"), 10, 0.1)
+    assert net.caget(lock.pv("Owner")) == identity("alice")
+
+    lock_screen.type("reason", "beam dump recovery")
+    lock_screen.click("force_release", confirm=False)    # "No" in the dialog: no write
+    lock_screen.click("renew")                           # a later command, so the
+    wait_until(lambda: "Renew: refused" in lock_screen.text("message"), 10, 0.1)
+    assert net.caget(lock.pv("Owner")) == identity("alice")   # "No" wrote nothing
+
+    lock_screen.click("force_release", confirm=True)
+    shows(lock_screen, "state", "Free")
+    assert f"force-released {MYSELF}" in lock_screen.text("history")
+
+    lock_screen.type("reason", "vacuum work")
+    lock_screen.click("disable", confirm=True)
+    shows(lock_screen, "state", "Disabled")
+    wait_until(lambda: lock_screen.prop("state", "lockState") == "Disabled", 10, 0.1)
+    assert "vacuum work" in lock_screen.text("disabled_reason")
+    lock_screen.type("reason", "")
+    lock_screen.click("enable", confirm=True)
+    shows(lock_screen, "state", "Free")
+
+
+def test_ioc_down_greys_state_and_buttons(net, lock, lock_screen):
+    shows(lock_screen, "state", "Free")
+    wait_until(lambda: lock_screen.enabled("acquire"), 10, 0.1)
+    lock.stop()
+    wait_until(lambda: lock_screen.prop("state", "alarmSeverity") == 4, 20, 0.1,
+               what="the disconnected border")
+    assert lock_screen.prop("state", "lockState") == ""
+    wait_until(lambda: not lock_screen.enabled("acquire"), 10, 0.1)
+    assert not lock_screen.enabled("force_release")
+
+
+@pytest.fixture
+def gated_beamline(net, tmp_path):
+    """Lock IOC admitting this user (queue, operator) + the softIoc gated on it."""
+    from beamline_env import SoftIoc
+    work = tmp_path / "ioc"
+    work.mkdir()
+    lock = LockIOC(net, work, config_text=admitting_me("TST:LOCK:",
+                                                       work / "lock-state.sqlite3"))
+    lock.start()
+    devices = SoftIoc(net, work, lock.config)
+    try:
+        devices.start()
+        yield lock, devices
+    finally:
+        devices.stop()
+        lock.stop()
+
+
+GATED = ("shutter_open", "shutter_close", "m1_setpoint", "m1_stop", "m2_setpoint", "m2_stop")
+
+
+def test_device_panel_controls_follow_the_viewers_gate(net, gated_beamline, tmp_path):
+    lock, devices = gated_beamline
+    panel = PyDMScreen(net, "devices", {"P": lock.prefix, "DEV": devices.prefix,
+                                        "GROUP": "queue"}, tmp_path / "pydm-devices.log")
+    try:
+        shows(panel, "gate", "1")
+        wait_until(lambda: all(panel.enabled(w) for w in GATED), 20, 0.1,
+                   what="controls enabled while the gate is 1")
+        panel.click("shutter_open")                       # a real gated write, through Qt
+        wait_until(lambda: net.caget(devices.pv("Shutter:Status")) == "Open", 10, 0.1)
+
+        body = '{"session": "align", "lease": 600}'
+        assert net.caput(lock.pv("Acquire"), body, user="alice").returncode == 0
+        shows(panel, "gate", "0")
+        wait_until(lambda: not any(panel.enabled(w) for w in GATED), 20, 0.1,
+                   what="controls disabled while staff holds the lock")
+        assert net.caput(devices.pv("Shutter:Open"), "0", text=False).returncode != 0
+
+        assert net.caput(lock.pv("Release"), "align", user="alice").returncode == 0
+        wait_until(lambda: all(panel.enabled(w) for w in GATED), 20, 0.1,
+                   what="controls enabled again after release")
+        panel.click("shutter_close")
+        wait_until(lambda: net.caget(devices.pv("Shutter:Status")) == "Closed", 10, 0.1)
+
+        lock.stop()                                       # fail safe: lock IOC gone
+        wait_until(lambda: not any(panel.enabled(w) for w in GATED), 20, 0.1,
+                   what="controls disabled while the lock IOC is down")
+    finally:
+        panel.close()

@@ -1,0 +1,254 @@
+"""The screen files (clients/phoebus/*.bob, clients/pydm/*.ui): current, well-formed, and
+naming only PVs the IOCs serve, with every button writing a command of the right type.
+
+Phoebus cannot run here, so its files are checked as data: XML, PVs after macro
+substitution, macros, rules, actions and the embedded scripts (parsed, not run).
+The last test asks live IOCs (the lock IOC and the simulated beamline's softIoc) about
+every PV every screen names, with ``cainfo``.
+"""
+from __future__ import annotations
+
+import ast
+import re
+import sys
+import xml.etree.ElementTree as ET
+
+import pytest
+
+from epics_env import REPO
+from lock_ioc import contract
+from screens_env import (CLIENTS, PHOEBUS_BUILTIN, PHOEBUS_MACRO, PYDM_MACRO, bob_pvs,
+                         bob_widgets, device_records, expand, ui_props, ui_pvs)
+
+sys.path.insert(0, str(CLIENTS))
+import screens_gen  # clients/ is not a package
+
+LOCK_P, DEV_P = "TST:LOCK:", "TST:"
+GROUPS = ("queue", "staff", "operator")
+BOBS = sorted((CLIENTS / "phoebus").glob("*.bob"))
+UIS = sorted((CLIENTS / "pydm").glob("*.ui"))
+LOC_PV = re.compile(r'^loc://\w+\$\(DID\)<(VString|VDouble)>\((".*"|[0-9.]+)\)$')
+
+
+def macros_for(group: str) -> dict[str, str]:
+    return {"P": LOCK_P, "DEV": DEV_P, "GROUP": group}
+
+
+def served_lock_pvs() -> dict[str, contract.PVSpec]:
+    return contract.all_pvs(LOCK_P, GROUPS)
+
+
+def classify(pv: str) -> tuple[str, object]:
+    """('lock', spec) or ('device', record type) for an expanded PV name; fail otherwise."""
+    lock = served_lock_pvs()
+    if pv.startswith(LOCK_P):
+        assert pv in lock, f"{pv} is not served by the lock IOC (not in lock_ioc/contract.py)"
+        return "lock", lock[pv]
+    records = device_records(DEV_P)
+    assert pv in records, f"{pv} is not a record of the simulated beamline (db/)"
+    return "device", records[pv]
+
+
+NUMERIC_RECORDS = {"ao", "bo", "ai", "bi", "calc", "calcout", "longout", "mbbo"}
+
+
+def test_screens_are_generated_from_the_current_contract():
+    assert {p.name for p in BOBS} == {"lock.bob", "devices.bob"}
+    assert {p.name for p in UIS} == {"lock.ui", "devices.ui"}
+    for path, text in screens_gen.outputs().items():
+        assert path.read_text(encoding="utf-8") == text, (
+            f"{path.relative_to(REPO)} is stale: run python clients/screens_gen.py")
+
+
+@pytest.mark.parametrize("path", BOBS, ids=lambda p: p.name)
+def test_bob_is_well_formed_and_names_only_served_pvs(path):
+    root = ET.parse(path).getroot()
+    assert root.tag == "display" and root.get("version") == "2.0.0"
+    names = [w.findtext("name") for w in bob_widgets(path)]
+    assert len(names) == len(set(names)), f"duplicate widget names in {path.name}"
+
+    used = set(PHOEBUS_MACRO.findall(path.read_text(encoding="utf-8")))
+    required = set(screens_gen.MACROS[path.name])
+    assert used - PHOEBUS_BUILTIN == required, (path.name, used)
+    docs = (REPO / "docs" / "screens.md").read_text(encoding="utf-8")
+    for macro in required:
+        assert f"$({macro})" in docs, f"docs/screens.md does not document $({macro})"
+
+    pvs = bob_pvs(path)
+    assert pvs
+    for widget, where, pv in pvs:
+        if pv.startswith("loc://"):
+            assert LOC_PV.match(pv), (widget, pv)
+            continue
+        for group in GROUPS:
+            kind, _ = classify(expand(pv, macros_for(group), PHOEBUS_MACRO))
+            if path.name == "lock.bob":
+                assert kind == "lock", (widget, pv)
+
+
+@pytest.mark.parametrize("path", BOBS, ids=lambda p: p.name)
+def test_bob_text_pvs_are_shown_as_strings(path):
+    lock = served_lock_pvs()
+    for w in bob_widgets(path):
+        pv = w.findtext("pv_name") or ""
+        spec = lock.get(expand(pv, macros_for("staff"), PHOEBUS_MACRO))
+        if w.get("type") == "textupdate" and spec is not None and spec.kind == "text":
+            assert w.findtext("format") == "6", f"{w.findtext('name')}: format must be string"
+
+
+@pytest.mark.parametrize("path", BOBS, ids=lambda p: p.name)
+def test_bob_buttons_write_commands_of_the_right_type(path):
+    names = {w.findtext("name") for w in bob_widgets(path)}
+    buttons = [w for w in bob_widgets(path) if w.get("type") == "action_button"]
+    assert buttons
+    for w in buttons:
+        name = w.findtext("name")
+        actions = w.findall("actions/action")
+        assert len(actions) == 1, f"{name}: one action per button"
+        action = actions[0]
+        target = expand(w.findtext("pv_name") or "", macros_for("staff"), PHOEBUS_MACRO)
+        kind, what = classify(target)
+        if action.get("type") == "execute":
+            # A lock command: the script writes text (UTF-8 bytes) to the button's own PV.
+            assert kind == "lock" and what.command and what.kind == "text", (name, target)
+            script = action.findtext("script/text")
+            assert action.find("script").get("file") == "EmbeddedPy"
+            ast.parse(script)     # Jython 2.7 code written to parse as Python 3 too
+            assert script.count(".write(") == 1
+            assert "ScriptUtil.getPrimaryPV(widget).write(array(data, \"b\"))" in script
+            assert re.search(r"^send\(", script, re.MULTILINE), f"{name}: script sends nothing"
+            for ref in re.findall(r'value_of\("(\w+)"', script):
+                assert ref in names, f"{name}: script reads missing widget {ref}"
+            if what.suffix == "Acquire":
+                assert 'json.dumps(request)' in script and '"session"' in script
+        elif action.get("type") == "write_pv":
+            # A device command: a fixed number to a numeric record.
+            assert action.findtext("pv_name") == "$(pv_name)"
+            assert kind == "device" and what in NUMERIC_RECORDS, (name, target, what)
+            float(action.findtext("value"))
+        else:
+            pytest.fail(f"{name}: unexpected action {action.get('type')}")
+        if w.findtext("confirm_dialog") == "true":
+            assert w.findtext("confirm_message"), name
+    if path.name == "lock.bob":
+        commands = {expand(w.findtext("pv_name"), macros_for("staff"), PHOEBUS_MACRO)
+                    for w in buttons}
+        expected = {LOCK_P + c for c in contract.COMMANDS if c != "Ping"}
+        assert commands == expected
+        confirmed = {w.findtext("name") for w in buttons if w.findtext("confirm_dialog")}
+        assert confirmed == {"force_release", "disable", "enable"}
+
+
+def test_bob_rules_use_contract_states_and_gates():
+    state_rule_states = set()
+    for path in BOBS:
+        for w in bob_widgets(path):
+            for rule in w.iter("rule"):
+                pvs = [p.text for p in rule.iter("pv_name")]
+                if rule.get("prop_id") == "enabled":
+                    assert pvs == ["$(P)Gate:$(GROUP)"]
+                    assert w.findtext("enabled") == "false", "gated widgets start disabled"
+                    assert [e.get("bool_exp") for e in rule.iter("exp")] == ["pv0==1"]
+                for exp in rule.iter("exp"):
+                    state_rule_states.update(re.findall(r'pvStr0=="(\w+)"', exp.get("bool_exp")))
+    assert state_rule_states == set(contract.STATES)
+    gated = [w.findtext("name") for w in bob_widgets(CLIENTS / "phoebus" / "devices.bob")
+             if w.find("rules/rule[@prop_id='enabled']") is not None]
+    assert set(gated) == {"shutter_open", "shutter_close", "m1_setpoint", "m1_stop",
+                          "m2_setpoint", "m2_stop"}
+
+
+@pytest.mark.parametrize("path", UIS, ids=lambda p: p.name)
+def test_pydm_ui_is_well_formed_and_names_only_served_pvs(path):
+    root = ET.parse(path).getroot()
+    declared = {c.findtext("class") for c in root.iter("customwidget")}
+    used_classes = {w.get("class") for w in root.iter("widget")}
+    assert {c for c in used_classes if c.startswith("PyDM")} <= declared
+
+    used = set(PYDM_MACRO.findall(path.read_text(encoding="utf-8")))
+    assert used == set(screens_gen.MACROS[path.name]), (path.name, used)
+    assert not PHOEBUS_MACRO.search(path.read_text(encoding="utf-8")), \
+        "PyDM substitutes ${NAME}, not $(NAME)"
+
+    for widget, where, address in ui_pvs(path):
+        assert address.startswith("ca://"), (widget, address)
+        for group in GROUPS:
+            classify(expand(address[len("ca://"):], macros_for(group), PYDM_MACRO))
+
+    lock = served_lock_pvs()
+    for w in root.iter("widget"):
+        props = ui_props(w)
+        pv = expand(props.get("channel", "").replace("ca://", ""), macros_for("staff"),
+                    PYDM_MACRO)
+        if w.get("class") == "PyDMLabel" and pv in lock and lock[pv].kind == "text":
+            assert props.get("displayFormat") == "PyDMLabel::String", w.get("name")
+        if w.get("class") == "PyDMPushButton":
+            kind, what = classify(pv)
+            if path.name == "lock.ui":
+                # lock.py writes the built text as UTF-8 bytes through this channel.
+                assert kind == "lock" and what.command and what.kind == "text", pv
+                assert not props.get("pressValue")
+            else:
+                assert kind == "device" and what in NUMERIC_RECORDS, pv
+                float(props["pressValue"])
+        if w.get("class") == "PyDMLineEdit":
+            kind, what = classify(pv)
+            assert kind == "device" and what == "ao", pv
+
+
+def test_pydm_lock_display_code_uses_only_widgets_of_the_ui():
+    code = (CLIENTS / "pydm" / "lock.py").read_text(encoding="utf-8")
+    names = {w.get("name") for w in ET.parse(CLIENTS / "pydm" / "lock.ui").getroot()
+             .iter("widget")}
+    refs = set(re.findall(r"\bui\.(\w+)", code))
+    table = set(re.findall(r'^\s+"(\w+)": self\.\w+,$', code, re.MULTILINE))  # buttons' builds
+    assert refs and refs | table <= names, (refs | table) - names
+    # PyDM sets every widget of the .ui as an attribute of the display object.
+    assert not set(re.findall(r"def (\w+)\(", code)) & names
+    buttons = {w.get("name") for w in ET.parse(CLIENTS / "pydm" / "lock.ui").getroot()
+               .iter("widget") if w.get("class") == "PyDMPushButton"}
+    assert buttons == table
+
+
+def test_generator_refuses_a_pv_outside_the_contract():
+    bad = screens_gen.W("readback", "x", 0, 0, 10, pv="Aquire")
+    with pytest.raises(AssertionError, match="not in the contract"):
+        screens_gen.pv_of(bad)
+    assert screens_gen.main(["--bogus"]) == 2
+    assert screens_gen.main(["--check"]) == 0
+
+
+def test_every_screen_pv_is_served_by_the_live_iocs(net, lock_ioc, beamline):
+    """cainfo, a real CA client, on every PV of every screen: connected, right type/access."""
+    wanted: dict[str, set[str]] = {}
+    for path in BOBS:
+        for widget, where, pv in bob_pvs(path):
+            if not pv.startswith("loc://"):
+                for group in GROUPS:
+                    wanted.setdefault(expand(pv, macros_for(group), PHOEBUS_MACRO),
+                                      set()).add(f"{path.name}:{widget}")
+    for path in UIS:
+        for widget, where, address in ui_pvs(path):
+            for group in GROUPS:
+                wanted.setdefault(expand(address[5:], macros_for(group), PYDM_MACRO),
+                                  set()).add(f"{path.name}:{widget}")
+    names = sorted(wanted)
+    r = net.run("cainfo", "-w", "3", *names)
+    if r.returncode != 0:
+        missing = [n for n in names if net.run("cainfo", "-w", "2", n).returncode != 0]
+        pytest.fail(f"PVs named by screens but not served: "
+                    f"{[(n, sorted(wanted[n])) for n in missing]}")
+    blocks = dict(re.findall(r"^(\S+)\n((?:    .*\n?)+)", r.stdout, re.MULTILINE))
+    assert set(blocks) == set(names)
+    lock = served_lock_pvs()
+    for name, info in blocks.items():
+        assert "State:            connected" in info, (name, info)
+        spec = lock.get(name)
+        if spec is not None:
+            kinds = {"enum": "DBF_ENUM", "long": "DBF_LONG", "double": "DBF_DOUBLE",
+                     "text": "DBF_CHAR"}
+            assert f"Native data type: {kinds[spec.kind]}" in info, (name, info)
+            if spec.command:
+                assert "Access:           read, write" in info, (name, info)
+        else:
+            assert re.search(r"Native data type: DBF_(ENUM|DOUBLE|LONG|STRING)", info), name
