@@ -207,7 +207,7 @@ def test_web_session_acquires_through_the_websocket_and_other_identities_are_ref
     page = ws(alice_seat.pv_socket)
     subscribe_pvs(page, LOCK_PVS)
     devices = ws(alice_seat.device_socket)
-    subscribe_devices(devices, ["m1", "m2"])
+    subscribe_devices(devices, ["m1", "m2", "shutter"])
 
     # Before the web user takes the lock (Free, LOCK_ALLOW_FREE_WRITES=0): refused.
     refused = device_set(devices, "m1", 0.25)
@@ -224,6 +224,12 @@ def test_web_session_acquires_through_the_websocket_and_other_identities_are_ref
     assert device_set(devices, "m2", -0.3) == {"message": "Successfully set m2 to -0.3"}
     assert float(net.caget(B + "m1")) == 0.25 and float(net.caget(B + "m2")) == -0.3
     wait_until(lambda: float(net.caget(B + "m1:RBV")) == 0.25, what="m1 to arrive")
+    # The shutter, by name or number (a text value is a device put, a number a set).
+    assert device_set(devices, "shutter", "Open") == {
+        "message": "Successfully set shutter to Open"}
+    assert net.caget(B + "Shutter:Status") == "Open"
+    assert device_set(devices, "shutter", 0) == {"message": "Successfully set shutter to 0"}
+    assert net.caget(B + "Shutter:Status") == "Closed"
 
     # The page renews its lease through the same socket.
     pv_put(page, P + "Renew", json.dumps({"session": "web:alice", "lease": 600}))
@@ -259,7 +265,10 @@ def test_web_session_acquires_through_the_websocket_and_other_identities_are_ref
     page.wait_for(value(P + "State", FREE), 10, start)
     refused = device_set(devices, "m1", 0.5)
     assert "the lock is Free" in refused["error"], refused
+    refused = device_set(devices, "shutter", "Open")
+    assert "shutter: write refused: the lock is Free" in refused["error"], refused
     assert float(net.caget(B + "m1")) == 0.25
+    assert net.caget(B + "Shutter:Open") == "Close"
 
 
 def test_lock_ioc_down_web_sets_refused_lock_state_unknown(net, web_lock, web_beamline,

@@ -69,6 +69,17 @@ class Shutter(Device):
 
     _VALUES = {"open": 1, "opened": 1, "1": 1, "close": 0, "closed": 0, "0": 0}
 
+    #: ophyd-websocket's device socket reads these before a numeric set: no limits here.
+    low_limit = high_limit = None
+
+    def put(self, value, wait: bool = True, timeout: float = 10.0, **_):
+        """What ophyd-websocket's device socket calls for a text value ("Open"/"Close"):
+        the same as ``set``, which the lock gate guards."""
+        status = self.set(value, timeout=timeout)
+        if wait:
+            status.wait(timeout)
+        return status
+
     def set(self, value, *, timeout: float = 10.0):
         want = self._VALUES.get(str(value).strip().lower())
         if want is None:
