@@ -154,8 +154,8 @@ def device_panel() -> list[W]:
     y = 140
     for m in ("m1", "m2"):
         ws += [W("label", f"{m}_label", 10, y + 2, 100, text=f"Motor {m}"),
-               W("setpoint", f"{m}_setpoint", 115, y, 100, 28, pv=m, lock=False, gated=True),
-               W("write", f"{m}_stop", 220, y, 90, 28, text="Stop", pv=f"{m}:STOP",
+               W("setpoint", f"{m}_setpoint", 110, y, 110, 28, pv=m, lock=False, gated=True),
+               W("write", f"{m}_stop", 226, y, 84, 28, text="Stop", pv=f"{m}:STOP",
                  lock=False, value="1", gated=True),
                W("readback", f"{m}_rbv", 330, y + 2, 120, pv=f"{m}:RBV", lock=False),
                W("readback", f"{m}_movn", 460, y + 2, 60, pv=f"{m}:MOVN", lock=False)]
@@ -191,9 +191,11 @@ def _color(tag: str, rgb: tuple[int, int, int]) -> str:
     return f'<{tag}><color red="{r}" green="{g}" blue="{b}"/></{tag}>'
 
 
-#: The embedded Jython shared by every command button: write UTF-8 bytes to the
-#: button's own PV (a CHAR array), so any text arrives intact (JCA would cut a
-#: java String's characters to one byte each).
+#: The embedded Jython shared by every command button. It reads the entries (local
+#: PVs) and readbacks through their widgets' primary PVs, and writes UTF-8 bytes to the
+#: button's own pv_name (a CHAR array), so any text arrives intact (JCA would cut a
+#: java String's characters to one byte each). An action button has no primary PV of
+#: its own, so the script opens (and releases) the command PV itself.
 BOB_SEND = """\
 from org.csstudio.display.builder.runtime.script import PVUtil, ScriptUtil
 from jarray import array
@@ -207,7 +209,11 @@ def value_of(name, text=True):
 
 def send(text):
     data = [(b + 128) % 256 - 128 for b in bytearray(text.encode("utf-8"))] + [0]
-    ScriptUtil.getPrimaryPV(widget).write(array(data, "b"))
+    pv = PVUtil.createPV(widget.getPropertyValue("pv_name"), 5000)
+    try:
+        pv.write(array(data, "b"))
+    finally:
+        PVUtil.releasePV(pv)
 """
 
 BOB_BUILD = {

@@ -287,7 +287,8 @@ def shoot(dest: Path) -> int:
 
     alice holds the lock (after a short queue session by bluesky); the lock screen is
     seen by this OS user; the device panel as a ``queue`` member, once while alice holds
-    the lock (greyed out) and once after she released it.
+    the lock (greyed out) and once after she released it; last, the lock screen with
+    the lock IOC stopped.
     """
     import tempfile
 
@@ -326,6 +327,9 @@ def shoot(dest: Path) -> int:
         net.caput(lock.pv("Release"), "align", user="alice").check_returncode()
         wait_until(lambda: panel.enabled("shutter_open"), 30, 0.2)
         panel.grab(dest / "pydm-devices.png")
+        lock.stop()
+        wait_until(lambda: screen.prop("state", "alarmSeverity") == 4, 30, 0.2)
+        screen.grab(dest / "pydm-lock-disconnected.png")
         print("\n".join(str(p) for p in sorted(dest.glob("pydm-*.png"))))
         return 0
     finally:

@@ -115,7 +115,8 @@ def test_bob_buttons_write_commands_of_the_right_type(path):
             assert action.find("script").get("file") == "EmbeddedPy"
             ast.parse(script)     # Jython 2.7 code written to parse as Python 3 too
             assert script.count(".write(") == 1
-            assert "ScriptUtil.getPrimaryPV(widget).write(array(data, \"b\"))" in script
+            assert 'PVUtil.createPV(widget.getPropertyValue("pv_name"), 5000)' in script
+            assert 'pv.write(array(data, "b"))' in script
             assert re.search(r"^send\(", script, re.MULTILINE), f"{name}: script sends nothing"
             for ref in re.findall(r'value_of\("(\w+)"', script):
                 assert ref in names, f"{name}: script reads missing widget {ref}"
