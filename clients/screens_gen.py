@@ -19,8 +19,8 @@ import json
 import re
 import sys
 import xml.etree.ElementTree as ET
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 from xml.sax.saxutils import escape
 
 from lock_ioc import contract
@@ -461,7 +461,7 @@ def render_ui(screen: str) -> str:
                      f"<header>{CUSTOM[c][1]}</header>"
                      + ("<container>1</container>" if c == "PyDMFrame" else "")
                      + "</customwidget>" for c in used)
-    needs = ", ".join("${%s}" % m for m in MACROS[screen + ".ui"])
+    needs = ", ".join("${" + m + "}" for m in MACROS[screen + ".ui"])
     return _pretty(f'<ui version="4.0">{_header(needs)}<class>Form</class>'
                    f'<widget class="QWidget" name="Form">'
                    f"{_geometry(0, 0, width, height)}{_string('windowTitle', title)}{body}"

@@ -16,10 +16,13 @@ from __future__ import annotations
 
 import json
 import os
+import queue
 import re
 import shutil
+import signal
 import subprocess
 import sys
+import threading
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
@@ -52,15 +55,31 @@ class PyDMScreen:
             [sys.executable, str(Path(__file__)), "drive", str(path), json.dumps(macros)],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._log, env=env,
             text=True, start_new_session=True)
-        self.request({"op": "ping"})
+        self._replies: queue.Queue[str | None] = queue.Queue()
+        threading.Thread(target=self._read_replies, daemon=True).start()
+        try:
+            self.request({"op": "ping"})
+        except BaseException:
+            self.close()
+            raise
+
+    def _read_replies(self) -> None:
+        for line in self.proc.stdout:
+            self._replies.put(line)
+        self._replies.put(None)
 
     def request(self, req: dict):
+        """Send one request and wait (at most ``timeout`` s) for its one-line answer."""
         if self.proc.poll() is not None:
             raise ScreenError(f"PyDM process exited ({self.proc.returncode}):\n{self.log()}")
         self.proc.stdin.write(json.dumps(req) + "\n")
         self.proc.stdin.flush()
-        line = self.proc.stdout.readline()
-        if not line:
+        try:
+            line = self._replies.get(timeout=self.timeout)
+        except queue.Empty:
+            raise ScreenError(f"no answer to {req} within {self.timeout} s:\n"
+                              f"{self.log()}") from None
+        if line is None:
             self.proc.wait(10)
             raise ScreenError(f"PyDM process ended ({self.proc.returncode}) during {req}:\n"
                               f"{self.log()}")
@@ -95,20 +114,25 @@ class PyDMScreen:
     def close(self) -> None:
         if self.proc.poll() is None:
             try:
-                self.request({"op": "quit"})
+                self.proc.stdin.close()           # the screen quits at end of input
                 self.proc.wait(10)
-            except (ScreenError, OSError, subprocess.TimeoutExpired, ValueError):
+            except (OSError, subprocess.TimeoutExpired):
                 pass
         if self.proc.poll() is None:
-            import signal
             os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait(10)
         self._log.close()
 
 
 def _drive(path: str, macros_json: str) -> int:
-    """The screen process: PyDMApplication + a JSON-lines request loop on stdin."""
-    import threading
+    """The screen process: PyDMApplication + a JSON-lines request loop on stdin.
+
+    Answers go to a private copy of stdout; fd 1 itself is pointed at stderr (the log),
+    so nothing else printed (by Python or by libca) can interleave with them.
+    """
+    out = os.fdopen(os.dup(1), "w")
+    os.dup2(2, 1)
+    sys.stdout = sys.stderr
 
     from pydm import PyDMApplication
     from qtpy import QtCore, QtWidgets
@@ -116,7 +140,6 @@ def _drive(path: str, macros_json: str) -> int:
     app = PyDMApplication(ui_file=path, macros=json.loads(macros_json), hide_nav_bar=True,
                           hide_menu_bar=True, hide_status_bar=True)
     display = app.main_window.display_widget()
-    out = sys.stdout
     raised: list[str] = []
 
     def excepthook(kind, exc, tb) -> None:
@@ -145,9 +168,6 @@ def _drive(path: str, macros_json: str) -> int:
             raise RuntimeError("the screen raised:\n" + "\n".join(raised))
         op = req["op"]
         if op == "ping":
-            return True
-        if op == "quit":
-            app.quit()
             return True
         if op == "grab":
             app.processEvents()

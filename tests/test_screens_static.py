@@ -52,6 +52,24 @@ def classify(pv: str) -> tuple[str, object]:
 NUMERIC_RECORDS = {"ao", "bo", "ai", "bi", "calc", "calcout", "longout", "mbbo"}
 
 
+def expanded_pvs(path) -> list[tuple[str, str]]:
+    """(widget, PV name) for every CA PV a .bob or .ui names, for every group's macros."""
+    if path.suffix == ".bob":
+        named, pattern = bob_pvs(path), PHOEBUS_MACRO
+    else:
+        named, pattern = ui_pvs(path), PYDM_MACRO
+    out = []
+    for widget, where, pv in named:
+        if pv.startswith("loc://"):
+            assert LOC_PV.match(pv), (widget, pv)
+            continue
+        if path.suffix == ".ui":
+            assert pv.startswith("ca://"), (widget, pv)
+            pv = pv[len("ca://"):]
+        out += [(widget, expand(pv, macros_for(g), pattern)) for g in GROUPS]
+    return out
+
+
 def test_screens_are_generated_from_the_current_contract():
     assert {p.name for p in BOBS} == {"lock.bob", "devices.bob"}
     assert {p.name for p in UIS} == {"lock.ui", "devices.ui"}
@@ -74,16 +92,12 @@ def test_bob_is_well_formed_and_names_only_served_pvs(path):
     for macro in required:
         assert f"$({macro})" in docs, f"docs/screens.md does not document $({macro})"
 
-    pvs = bob_pvs(path)
+    pvs = expanded_pvs(path)
     assert pvs
-    for widget, where, pv in pvs:
-        if pv.startswith("loc://"):
-            assert LOC_PV.match(pv), (widget, pv)
-            continue
-        for group in GROUPS:
-            kind, _ = classify(expand(pv, macros_for(group), PHOEBUS_MACRO))
-            if path.name == "lock.bob":
-                assert kind == "lock", (widget, pv)
+    for widget, pv in pvs:
+        kind, _ = classify(pv)
+        if path.name == "lock.bob":
+            assert kind == "lock", (widget, pv)
 
 
 @pytest.mark.parametrize("path", BOBS, ids=lambda p: p.name)
@@ -171,10 +185,8 @@ def test_pydm_ui_is_well_formed_and_names_only_served_pvs(path):
     assert not PHOEBUS_MACRO.search(path.read_text(encoding="utf-8")), \
         "PyDM substitutes ${NAME}, not $(NAME)"
 
-    for widget, where, address in ui_pvs(path):
-        assert address.startswith("ca://"), (widget, address)
-        for group in GROUPS:
-            classify(expand(address[len("ca://"):], macros_for(group), PYDM_MACRO))
+    for widget, pv in expanded_pvs(path):
+        classify(pv)
 
     lock = served_lock_pvs()
     for w in root.iter("widget"):
@@ -211,6 +223,23 @@ def test_pydm_lock_display_code_uses_only_widgets_of_the_ui():
     assert buttons == table
 
 
+@pytest.mark.parametrize("name, good, bad, error", [
+    ("phoebus/lock.bob", "$(P)Owner", "$(P)Onwer", "TST:LOCK:Onwer is not served"),
+    ("pydm/lock.ui", "${P}Release", "${P}Relase", "TST:LOCK:Relase is not served"),
+    ("phoebus/devices.bob", "$(DEV)Shutter:Open", "$(DEV)Shutter:Opn",
+     "TST:Shutter:Opn is not a record"),
+    ("pydm/devices.ui", "Gate:${GROUP}", "Gates:${GROUP}", "TST:LOCK:Gates:queue is not"),
+])
+def test_a_screen_naming_an_unserved_pv_fails_the_check(tmp_path, name, good, bad, error):
+    text = (CLIENTS / name).read_text(encoding="utf-8")
+    assert good in text
+    tampered = tmp_path / name.split("/")[1]
+    tampered.write_text(text.replace(good, bad, 1), encoding="utf-8")
+    with pytest.raises(AssertionError, match=error):
+        for _, pv in expanded_pvs(tampered):
+            classify(pv)
+
+
 def test_generator_refuses_a_pv_outside_the_contract():
     bad = screens_gen.W("readback", "x", 0, 0, 10, pv="Aquire")
     with pytest.raises(AssertionError, match="not in the contract"):
@@ -222,17 +251,9 @@ def test_generator_refuses_a_pv_outside_the_contract():
 def test_every_screen_pv_is_served_by_the_live_iocs(net, lock_ioc, beamline):
     """cainfo, a real CA client, on every PV of every screen: connected, right type/access."""
     wanted: dict[str, set[str]] = {}
-    for path in BOBS:
-        for widget, where, pv in bob_pvs(path):
-            if not pv.startswith("loc://"):
-                for group in GROUPS:
-                    wanted.setdefault(expand(pv, macros_for(group), PHOEBUS_MACRO),
-                                      set()).add(f"{path.name}:{widget}")
-    for path in UIS:
-        for widget, where, address in ui_pvs(path):
-            for group in GROUPS:
-                wanted.setdefault(expand(address[5:], macros_for(group), PYDM_MACRO),
-                                  set()).add(f"{path.name}:{widget}")
+    for path in BOBS + UIS:
+        for widget, pv in expanded_pvs(path):
+            wanted.setdefault(pv, set()).add(f"{path.name}:{widget}")
     names = sorted(wanted)
     r = net.run("cainfo", "-w", "3", *names)
     if r.returncode != 0:

@@ -19,7 +19,7 @@ import json
 import os
 import pwd
 import socket
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 from pydm import Display
