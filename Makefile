@@ -7,7 +7,7 @@ STAMP     := $(VENV)/.installed
 PYTEST_ARGS ?=
 ARGS      ?=
 
-.PHONY: run test venv system bench demo docs clean
+.PHONY: run test venv system bench demo docs screens clean
 
 $(STAMP): setup.cfg pyproject.toml
 	@test -x $(PY) || "$$(.ci/find-python)" -m venv $(VENV)
@@ -38,6 +38,11 @@ bench: $(STAMP)
 docs: $(STAMP)
 	$(PY) -m lock_ioc.contract > docs/pv-interface.md
 	$(PY) -m lock_ioc.contract --json > docs/pv-interface.json
+
+# Regenerate the Phoebus/PyDM screens from the PV contract and the PyDM screenshots.
+screens: $(STAMP)
+	$(PY) clients/screens_gen.py
+	$(PY) tests/screens_env.py shoot docs/screens
 
 clean:
 	rm -rf $(VENV) var .pytest_cache
