@@ -14,8 +14,6 @@ when the CA put that caused it returned.
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
 import sys
 import threading
@@ -26,6 +24,8 @@ from collections.abc import Callable
 from typing import Any
 
 from websockets.sync.client import ClientConnection, connect
+
+from demo.processes import stop_group
 
 from epics_env import ME, REPO, TEST_CONFIG, CANetwork, free_port
 
@@ -105,7 +105,7 @@ class OphydWebsocket:
         deadline = time.monotonic() + timeout
         try:
             while not self._lists_devices():
-                if _exited(self.proc.pid):
+                if self.proc.poll() is not None:
                     raise RuntimeError(f"ophyd-websocket exited at startup; log:\n"
                                        f"{self.log()[-4000:]}")
                 if time.monotonic() > deadline:
@@ -127,34 +127,11 @@ class OphydWebsocket:
         return tuple(sorted(listed)) == DEVICES
 
     def stop(self) -> None:
-        """TERM the whole process group, then KILL what is left of it, then reap.
-
-        The leader is reaped last, so its process group id cannot be reused meanwhile.
-        """
-        proc = self.proc
-        if proc is None or proc.returncode is not None:
-            return
-        _signal_group(proc.pid, signal.SIGTERM)
-        deadline = time.monotonic() + 10
-        while not _exited(proc.pid) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        _signal_group(proc.pid, signal.SIGKILL)
-        proc.wait(10)
+        """TERM the whole process group, KILL what is left of it, reap the leader."""
+        stop_group(self.proc)
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
-
-
-def _signal_group(pgid: int, sig: int) -> None:
-    try:
-        os.killpg(pgid, sig)
-    except ProcessLookupError:
-        pass
-
-
-def _exited(pid: int) -> bool:
-    """Whether child ``pid`` has exited, without reaping it."""
-    return os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
 
 
 Message = dict[str, Any]
