@@ -338,8 +338,9 @@ class LockGuard:
                 return
             try:
                 self.lock.release(self.session)
-                print(f"{TAG} released the beamline lock ({self.linger:g} s without a plan)",
-                      flush=True)
+                why = "the guard was uninstalled" if force else \
+                    f"{self.linger:g} s without a plan"
+                print(f"{TAG} released the beamline lock ({why})", flush=True)
             except LockError as exc:
                 log.warning("%s release after the queue stopped failed: %s", TAG, exc)
 
