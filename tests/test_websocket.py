@@ -21,8 +21,8 @@ import time
 import pytest
 
 from beamline_env import SoftIoc
-from epics_env import HOST, ME, LockIOC, identity, wait_until
-from ws_env import OphydWebsocket, WsClient, web_seat_config
+from epics_env import HOST, ME, REPO, LockIOC, identity, wait_until
+from ws_env import OphydWebsocket, Page, WsClient, web_seat_config
 
 P = "TST:LOCK:"
 B = "TST:"
@@ -173,6 +173,7 @@ def test_queue_holds_the_lock_web_sets_are_refused_naming_the_holder(
     body = '{"session": "queue", "lease": 600, "note": "plan scan"}'
     assert net.caput(P + "Acquire", body, user="bluesky").returncode == 0
     pvs.wait_for(value(P + "Owner", QUEUE), 10, start, "the page to see the queue holding")
+    pvs.wait_for(value(P + "Note", "plan scan"), 10, start, "the page to see the queue's note")
     before = {pv: net.caget(B + pv) for pv in ("m1", "m2:VELO", "Shutter:Open")}
     assert float(before["m1"]) == 0.1
     refused = device_set(devices, "m1", 1.5)
@@ -317,6 +318,43 @@ def test_seat_started_while_the_lock_ioc_is_down_refuses_sets(net, web_lock, web
     assert refused["error"] == "Could not set value of m1 to 0.6: m1: write refused: the " \
                                f"lock state is unknown: lock IOC {P} is not connected", refused
     assert float(net.caget(B + "m1")) == 0.0
+
+
+def test_example_page_keeps_its_lease_alive_until_released_or_taken_away(net, seats):
+    """clients/websocket/lock-panel.html, its own script run by node against a real seat:
+    Take keeps renewing a 4 s lease; a force-release or Release ends the renewing."""
+    seat = seats("web:alice")
+    page = Page(REPO / "clients" / "websocket" / "lock-panel.html",
+                f"?ows=ws://127.0.0.1:{seat.port}&lock={P}&user=alice")
+    try:
+        page.wait_for(lambda v: v["state"] == "Free", 20, "the lock Free")
+        page.do("set lease 4")
+        page.do("set note from the page")
+        page.do("click take")
+        view = page.wait_for(lambda v: v["state"] == "Held" and v["release_enabled"]
+                             and v["hold"] and v["hold"]["token"] is not None, 10,
+                             "the page's grant")
+        assert view["renewing"] and f"{SEAT} (session web:alice, note 'from the page')" \
+            in view["holder"], view
+        token = view["hold"]["token"]
+        time.sleep(10)  # 2.5 leases: only the page's renewals keep it
+        assert (net.caget(P + "State"), net.caget(P + "Session"), int(net.caget(P + "Token"))) \
+            == ("Held", "web:alice", token)
+
+        assert net.caput(P + "ForceRelease", "drill", user="operator").returncode == 0
+        view = page.wait_for(lambda v: v["state"] == "Free", 10, "Free after the drill")
+        page.wait_for(lambda v: not v["renewing"] and v["hold"] is None, 10,
+                      "the page to stop renewing")
+
+        page.do("click take")
+        page.wait_for(lambda v: v["hold"] and v["hold"]["token"] == token + 1, 10,
+                      "the page's second grant")
+        page.do("click release")
+        view = page.wait_for(lambda v: v["state"] == "Free" and not v["renewing"], 10,
+                             "Free after Release")
+        assert view["message"].startswith("released by"), view
+    finally:
+        page.close()
 
 
 def test_bad_input_from_a_page_gets_a_clear_answer(net, seats, ws):

@@ -14,6 +14,7 @@ when the CA put that caused it returned.
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 import threading
@@ -201,3 +202,57 @@ class WsClient:
     def close(self) -> None:
         self.ws.close()
         self._reader.join(5)
+
+
+PAGE_SHIM = Path(__file__).with_name("page_shim.js")
+
+
+class Page:
+    """An example web page of ``clients/websocket/`` run by node (``page_shim.js``): the
+    page's own script against a real seat, driven by clicks; ``views`` is what it showed."""
+
+    def __init__(self, html: Path, query: str) -> None:
+        node = shutil.which("node")
+        if node is None:
+            raise RuntimeError("node not found: the example web page tests need Node.js >= 20")
+        self.views: list[dict] = []
+        self._cond = threading.Condition()
+        self.proc = subprocess.Popen(
+            [node, "--experimental-websocket", str(PAGE_SHIM), str(html), query],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            start_new_session=True)
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            with self._cond:
+                self.views.append(json.loads(line))
+                self._cond.notify_all()
+
+    def do(self, command: str) -> None:
+        """``set ID VALUE`` or ``click ID``, as a user would."""
+        self.proc.stdin.write(command + "\n")
+        self.proc.stdin.flush()
+
+    def wait_for(self, match: Callable[[dict], bool], timeout: float = 15,
+                 what: str = "") -> dict:
+        """The page's current view once it ``match``es."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while not (self.views and match(self.views[-1])):
+                left = deadline - time.monotonic()
+                if left <= 0 or self.proc.poll() is not None:
+                    raise AssertionError(
+                        f"the page never showed {what or match} within {timeout} s; last "
+                        f"views: {self.views[-5:]}; stderr: {self._stderr()}")
+                self._cond.wait(min(left, 0.5))
+            return self.views[-1]
+
+    def _stderr(self) -> str:
+        if self.proc.poll() is None:
+            return "(running)"
+        return self.proc.stderr.read()
+
+    def close(self) -> None:
+        stop_group(self.proc, timeout=5)
