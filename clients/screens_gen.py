@@ -59,8 +59,10 @@ class W:
     numeric: bool = False    # entry: a number (lease seconds)
     build: str = ""          # command: how the written text is built (see COMMAND_BUILDS)
     confirm: str = ""        # command: confirmation question ("" = none)
-    lines: int = 1           # readback: multi-line, bottom-aligned (newest last)
+    lines: int = 1           # readback: multi-line, top-aligned
     mono: bool = False       # readback: fixed-width small font (history lines)
+    last: int = 0            # readback: show only the last N lines, newest first
+    only: str = ""           # "bob" / "ui": a widget of one toolkit only ("" = both)
     gated: bool = False      # device panel: enabled only while the viewer's gate is 1
     units: str = ""
 
@@ -71,17 +73,26 @@ COMMAND_BUILDS = {
                '"note": <note entry, if any>}',
     "renew": 'JSON {"session": <the session shown>, "lease": <lease entry, if > 0>}',
     "release": "the session shown (the holder's own session)",
-    "reason": "the reason entry",
+    "reason": "the reason entry (required)",
+    "reason_optional": "the reason entry (may be empty)",
 }
 
+
 LABEL_W, VALUE_X, VALUE_W = 130, 140, 470
+#: History events shown on the lock screen, newest first: ``$(P)History`` holds 20..100
+#: events (newest last), more than any box shows; newest first keeps the newest visible
+#: even when long events overflow the box (both toolkits cut text at the bottom).
+HISTORY_SHOWN = 5
+#: Phoebus text entries take typed text only on Enter (focus loss restores the old value).
+ENTER_HINT = "(press Enter in a field to apply what you typed)"
 
 
 def _row(y: int, label: str, name: str, pv: str, *, lines: int = 1, units: str = "",
-         mono: bool = False, w: int = VALUE_W) -> list[W]:
+         mono: bool = False, last: int = 0, w: int = VALUE_W) -> list[W]:
     h = 24 if lines == 1 else (14 if mono else 16) * lines + 8
     return [W("label", name + "_label", 10, y, LABEL_W, 24, text=label),
-            W("readback", name, VALUE_X, y, w, h, pv=pv, lines=lines, units=units, mono=mono)]
+            W("readback", name, VALUE_X, y, w, h, pv=pv, lines=lines, units=units, mono=mono,
+              last=last)]
 
 
 def lock_screen() -> list[W]:
@@ -101,9 +112,11 @@ def lock_screen() -> list[W]:
         y += 28
     ws += _row(y, "Last message", "message", "Message", lines=3)
     y += 60
-    ws += _row(y, "History", "history", "History", lines=8, mono=True)
-    y += 130
-    ws.append(W("title", "take_title", 10, y, 600, 24, text="Take the lock"))
+    ws += _row(y, "History", "history", "History", lines=10, mono=True, last=HISTORY_SHOWN)
+    ws.append(W("label", "history_order", 10, y + 24, LABEL_W, 20, text="newest first"))
+    y += 158
+    ws += [W("title", "take_title", 10, y, 180, 24, text="Take the lock"),
+           W("label", "take_hint", 200, y, 410, 24, text=ENTER_HINT, only="bob")]
     y += 30
     ws += [W("label", "acquire_session_label", 10, y, LABEL_W, text="Session"),
            W("entry", "acquire_session", VALUE_X, y, 180),
@@ -120,7 +133,8 @@ def lock_screen() -> list[W]:
            W("command", "release", VALUE_X + 325, y, 145, 30, text="Release", pv="Release",
              build="release")]
     y += 44
-    ws.append(W("title", "operator_title", 10, y, 600, 24, text="Operators"))
+    ws += [W("title", "operator_title", 10, y, 180, 24, text="Operators"),
+           W("label", "operator_hint", 200, y, 410, 24, text=ENTER_HINT, only="bob")]
     y += 30
     ws += [W("label", "reason_label", 10, y, LABEL_W, text="Reason"),
            W("entry", "reason", VALUE_X, y, VALUE_W)]
@@ -131,7 +145,7 @@ def lock_screen() -> list[W]:
            W("command", "disable", VALUE_X + 162, y, 145, 30, text="Disable", pv="Disable",
              build="reason", confirm="Disable the lock? Only operators may then write."),
            W("command", "enable", VALUE_X + 325, y, 145, 30, text="Enable", pv="Enable",
-             build="reason", confirm="Enable the lock again?")]
+             build="reason_optional", confirm="Enable the lock again?")]
     return ws
 
 
@@ -164,7 +178,7 @@ def device_panel() -> list[W]:
 
 
 SCREENS: dict[str, tuple[str, Callable[[], list[W]], tuple[int, int]]] = {
-    "lock": ("Beamline lock", lock_screen, (620, 700)),
+    "lock": ("Beamline lock", lock_screen, (620, 728)),
     "devices": ("Beamline devices", device_panel, (580, 230)),
 }
 
@@ -194,8 +208,13 @@ def _color(tag: str, rgb: tuple[int, int, int]) -> str:
 #: The embedded Jython shared by every command button. It reads the entries (local
 #: PVs) and readbacks through their widgets' primary PVs, and writes UTF-8 bytes to the
 #: button's own pv_name (a CHAR array), so any text arrives intact (JCA would cut a
-#: java String's characters to one byte each). An action button has no primary PV of
-#: its own, so the script opens (and releases) the command PV itself.
+#: java String's characters to one byte each). The button's pv_name already connects a
+#: primary PV (for its alarm border and ``$(pv_name)``); the script takes a second,
+#: pooled handle on the same name with PVUtil.createPV, which fails within 5 s with a
+#: logged error if the lock IOC is unreachable, and releases it after the write.
+#: Dialogs come from the script, not the button's confirm_dialog, because that text is
+#: fixed: the script shows what it will send (the reason, the session) and refuses an
+#: empty reason or session with a message instead of sending it.
 BOB_SEND = """\
 from org.csstudio.display.builder.runtime.script import PVUtil, ScriptUtil
 from jarray import array
@@ -207,6 +226,12 @@ def value_of(name, text=True):
         return PVUtil.getString(pv, True).strip()
     return PVUtil.getDouble(pv)
 
+def ask(question):
+    return ScriptUtil.showConfirmationDialog(widget, question)
+
+def refuse(message):
+    ScriptUtil.showErrorDialog(widget, message)
+
 def send(text):
     data = [(b + 128) % 256 - 128 for b in bytearray(text.encode("utf-8"))] + [0]
     pv = PVUtil.createPV(widget.getPropertyValue("pv_name"), 5000)
@@ -214,30 +239,82 @@ def send(text):
         pv.write(array(data, "b"))
     finally:
         PVUtil.releasePV(pv)
+
+def lease(request):
+    if value_of("acquire_lease", False) > 0:
+        request["lease"] = value_of("acquire_lease", False)
+    return request
+
+def check_session(what):
+    shown = value_of("session")
+    mine = value_of("acquire_session")
+    if not shown or shown == mine:
+        return shown
+    if ask(what + " session '" + shown + "' of " + value_of("owner") + "?\\n"
+           "Your Session field says '" + mine + "' (press Enter there to apply it)."):
+        return shown
+    return None
 """
 
+#: What each command button's script does after BOB_SEND (``QUESTION``: the W.confirm).
 BOB_BUILD = {
     "acquire": """
-request = {"session": value_of("acquire_session")}
-if value_of("acquire_lease", False) > 0:
-    request["lease"] = value_of("acquire_lease", False)
-if value_of("acquire_note"):
-    request["note"] = value_of("acquire_note")
-send(json.dumps(request))
+session = value_of("acquire_session")
+if session:
+    request = lease({"session": session})
+    if value_of("acquire_note"):
+        request["note"] = value_of("acquire_note")
+    send(json.dumps(request))
+else:
+    refuse("Type a session name in Session and press Enter, then Acquire.")
 """,
     "renew": """
-request = {"session": value_of("session")}
-if value_of("acquire_lease", False) > 0:
-    request["lease"] = value_of("acquire_lease", False)
-send(json.dumps(request))
+session = check_session("Renew")
+if session is not None:
+    send(json.dumps(lease({"session": session})))
 """,
     "release": """
-send(value_of("session"))
+session = check_session("Release")
+if session is not None:
+    send(session)
 """,
     "reason": """
-send(value_of("reason"))
+reason = value_of("reason")
+if not reason:
+    refuse("Type a reason in Reason and press Enter first.")
+elif ask(QUESTION + "\\n\\nReason: " + reason):
+    send(reason)
+""",
+    "reason_optional": """
+reason = value_of("reason")
+if ask(QUESTION + "\\n\\nReason: " + (reason or "(none)")):
+    send(reason)
 """,
 }
+
+#: The History box (a label widget): the last HISTORY_SHOWN events of $(P)History,
+#: newest first, so the newest is visible however long the events are (a JavaFX label
+#: cuts overflow at its end). Runs also on disconnect (check_connections="false") and
+#: then shows "<PV name>" as a disconnected Phoebus text update does.
+BOB_HISTORY = """\
+from org.csstudio.display.builder.runtime.script import ValueUtil
+from org.phoebus.pv import PV
+
+value = pvs[0].read()
+if PV.isDisconnected(value):
+    text = "<" + pvs[0].getName() + ">"
+else:
+    lines = [l for l in ValueUtil.getString(value, True).splitlines() if l.strip()]
+    text = "\\n".join(reversed(lines[-LAST:]))
+widget.setPropertyValue("text", text)
+"""
+
+
+def _bob_script(body: str, **constants: object) -> str:
+    """Embedded Jython with ASCII constants first (Jython 2 reads "\\u" literally)."""
+    head = "".join(f"{k} = {json.dumps(v)}\n" for k, v in constants.items())
+    assert head.isascii(), head
+    return head + body
 
 
 def _bob_gate_rule() -> str:
@@ -247,7 +324,10 @@ def _bob_gate_rule() -> str:
 
 
 def _bob_state_rule(pv: str) -> str:
-    exps = "".join(f'<exp bool_exp="pvStr0==&quot;{s}&quot;">{_color("value", c)}</exp>'
+    """Colour by the enum index (``pv0``, PVUtil.getDouble): NaN when disconnected, so
+    no expression matches and the rule's else branch restores the initial grey.
+    (``pvStr0`` would raise on a disconnected PV and leave the last colour.)"""
+    exps = "".join(f'<exp bool_exp="pv0=={contract.STATES.index(s)}">{_color("value", c)}</exp>'
                    for s, c in STATE_COLOURS.items())
     return (f'<rules><rule name="state colour" prop_id="background_color" out_exp="false">'
             f'{exps}<pv_name>{pv}</pv_name></rule></rules>')
@@ -257,6 +337,8 @@ def _bob_widget(w: W) -> str:
     geo = f"<x>{w.x}</x><y>{w.y}</y><width>{w.w}</width><height>{w.h}</height>"
     name = f"<name>{escape(w.name)}</name>"
     pv = escape(pv_of(w))
+    if w.only == "ui":
+        return ""
     if w.kind in ("title", "label"):
         if not w.text:
             return ""   # "you: user@host" has no Phoebus equivalent
@@ -266,15 +348,19 @@ def _bob_widget(w: W) -> str:
                 f"{geo}{font}</widget>")
     if w.kind in ("readback", "state"):
         extra = ""
-        if is_text(w):
+        if is_text(w) and not w.last:
             extra += "<format>6</format>"
         if w.lines > 1:
-            bottom = 2 if w.mono else 0
-            extra += (f"<vertical_alignment>{bottom}</vertical_alignment>"
-                      "<wrap_words>true</wrap_words>")
-        if w.lines > 1:
+            extra += "<vertical_alignment>0</vertical_alignment><wrap_words>true</wrap_words>"
             family = "Liberation Mono" if w.mono else "Liberation Sans"
             extra += f'<font><font family="{family}" style="REGULAR" size="11.0"/></font>'
+        if w.last:
+            # A label whose text a script sets (see BOB_HISTORY); no primary PV.
+            script = escape(_bob_script(BOB_HISTORY, LAST=w.last))
+            return (f'<widget type="label" version="2.0.0">{name}<text>&lt;{pv}&gt;</text>'
+                    f"{geo}{extra}<tooltip>{pv}: the last {w.last} events, newest first"
+                    f'</tooltip><scripts><script file="EmbeddedPy" check_connections="false">'
+                    f"<text>{script}</text><pv_name>{pv}</pv_name></script></scripts></widget>")
         if w.units:
             extra += "<format>1</format><precision>0</precision><show_units>true</show_units>"
         if w.kind == "state":
@@ -294,16 +380,13 @@ def _bob_widget(w: W) -> str:
         return (f'<widget type="textentry" version="3.0.0">{name}<pv_name>{loc}</pv_name>'
                 f"{geo}{fmt}</widget>")
     if w.kind == "command":
-        script = BOB_SEND + BOB_BUILD[w.build]
-        confirm = (f"<confirm_dialog>true</confirm_dialog>"
-                   f"<confirm_message>{escape(w.confirm)}</confirm_message>"
-                   if w.confirm else "")
+        question = {"QUESTION": w.confirm} if w.confirm else {}
+        script = _bob_script(BOB_SEND + BOB_BUILD[w.build], **question)
         return (f'<widget type="action_button" version="3.0.0">{name}'
                 f"<pv_name>{pv}</pv_name><text>{escape(w.text)}</text>{geo}"
                 f'<actions><action type="execute"><script file="EmbeddedPy">'
                 f"<text>{escape(script)}</text></script>"
-                f"<description>{escape(w.text)}</description></action></actions>"
-                f"{confirm}</widget>")
+                f"<description>{escape(w.text)}</description></action></actions></widget>")
     gate = "<enabled>false</enabled>" + _bob_gate_rule() if w.gated else ""
     if w.kind == "write":
         return (f'<widget type="action_button" version="3.0.0">{name}'
@@ -373,18 +456,22 @@ def _pydm_widget(w: W, dx: int = 0, dy: int = 0) -> str:
                 f"{_string('text', text)}</widget>")
     if w.kind in ("readback", "state"):
         props = _string("channel", _pydm_pv(w), False)
-        props += _string("toolTip", _pydm_macros(pv_of(w)))
+        tip = f": the last {w.last} events, newest first" if w.last else ""
+        props += _string("toolTip", _pydm_macros(pv_of(w)) + tip)
         if is_text(w):
             props += _prop("displayFormat", "<enum>PyDMLabel::String</enum>", False)
         if w.units:
             props += _prop("showUnits", "<bool>true</bool>", False)
             props += _prop("precisionFromPV", "<bool>false</bool>", False)
             props += _prop("precision", "<number>0</number>", False)
+        if w.last:
+            # lock.py sets the text: the last ``lastLines`` lines, newest first; the
+            # label keeps it (displayLabelText) but still shows the PV's alarm border.
+            props += _prop("displayLabelText", "<bool>true</bool>", False)
+            props += _prop("lastLines", f"<number>{w.last}</number>", False)
         if w.lines > 1:
             props += _prop("wordWrap", "<bool>true</bool>")
-            bottom = "Qt::AlignBottom" if w.mono else "Qt::AlignTop"
-            props += _prop("alignment", f"<set>Qt::AlignLeft|{bottom}</set>")
-        if w.lines > 1:
+            props += _prop("alignment", "<set>Qt::AlignLeft|Qt::AlignTop</set>")
             family = "<family>Monospace</family>" if w.mono else ""
             props += _prop("font", f"<font>{family}<pointsize>{8 if w.mono else 9}</pointsize>"
                                    "</font>")
@@ -451,7 +538,7 @@ CUSTOM = {"PyDMLabel": ("QLabel", "pydm.widgets.label"),
 
 def render_ui(screen: str) -> str:
     title, build, (width, height) = SCREENS[screen]
-    ws = build()
+    ws = [w for w in build() if w.only != "bob"]
     gated = [w for w in ws if w.gated]
     body = "".join(_pydm_widget(w) for w in ws if not w.gated)
     if gated:

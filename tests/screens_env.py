@@ -100,9 +100,14 @@ class PyDMScreen:
     def type(self, widget: str, value) -> None:
         self.request({"op": "type", "widget": widget, "value": value})
 
-    def click(self, widget: str, confirm: bool | None = None) -> None:
-        """Click like a user; ``confirm``: answer the button's Yes/No dialog."""
-        self.request({"op": "click", "widget": widget, "confirm": confirm})
+    def click(self, widget: str, confirm: bool | None = None) -> str | None:
+        """Click like a user; ``confirm``: answer the Yes/No dialog the click opens (and
+        return its text). Without ``confirm`` a dialog would block: the request times out."""
+        return self.request({"op": "click", "widget": widget, "confirm": confirm})
+
+    def visible_lines(self, widget: str) -> list[str]:
+        """The lines of a word-wrapped label's text that Qt draws entirely inside it."""
+        return self.request({"op": "visible_lines", "widget": widget})
 
     def grab(self, path: Path) -> Path:
         self.request({"op": "grab", "path": str(path)})
@@ -156,12 +161,35 @@ def _drive(path: str, macros_json: str) -> int:
             raise KeyError(f"no widget named {name!r} in {path}")
         return widget
 
-    def answer_dialog(yes: bool) -> None:
+    dialogs: list[str] = []     # the text of the dialog answered during a click
+    answer: list[bool] = []     # the answer still to give (one dialog per click)
+
+    def answer_dialog() -> None:
+        if not answer:
+            return
         box = app.activeModalWidget()
         if isinstance(box, QtWidgets.QMessageBox):
+            dialogs.append(box.text())
+            yes = answer.pop()
             box.button(QtWidgets.QMessageBox.Yes if yes else QtWidgets.QMessageBox.No).click()
         else:
-            QtCore.QTimer.singleShot(20, lambda: answer_dialog(yes))
+            QtCore.QTimer.singleShot(20, answer_dialog)
+
+    def visible_lines(label: QtWidgets.QLabel) -> list[str]:
+        """Lines of the text that fit, from the top: a QLabel whose (wrapped) text is
+        taller than the label draws its top part (whatever its vertical alignment)."""
+        area = label.contentsRect().adjusted(label.margin(), label.margin(),
+                                             -label.margin(), -label.margin())
+        flags = int(QtCore.Qt.AlignLeft | QtCore.Qt.AlignTop)
+        if label.wordWrap():
+            flags |= int(QtCore.Qt.TextWordWrap)
+        lines = label.text().split("\n")
+        for n in range(len(lines), 0, -1):
+            box = label.fontMetrics().boundingRect(
+                QtCore.QRect(0, 0, area.width(), 1_000_000), flags, "\n".join(lines[:n]))
+            if box.height() <= area.height():
+                return lines[:n]
+        return []
 
     def handle(req: dict):
         if raised:
@@ -189,13 +217,21 @@ def _drive(path: str, macros_json: str) -> int:
                 widget.clear()
                 widget.insert(str(req["value"]))
             return True
+        if op == "visible_lines":
+            return visible_lines(widget)
         if op == "click":
             if not widget.isEnabled():
                 raise RuntimeError(f"{req['widget']} is disabled")
+            dialogs.clear()
+            answer.clear()
             if req.get("confirm") is not None:
-                QtCore.QTimer.singleShot(20, lambda: answer_dialog(bool(req["confirm"])))
+                answer.append(bool(req["confirm"]))
+                QtCore.QTimer.singleShot(20, answer_dialog)
             widget.click()
-            return True
+            answer.clear()
+            if req.get("confirm") is not None and not dialogs:
+                raise RuntimeError(f"clicking {req['widget']} asked nothing")
+            return dialogs[-1] if dialogs else None
         raise ValueError(f"unknown op {op!r}")
 
     class Bridge(QtCore.QObject):
@@ -246,6 +282,9 @@ def bob_pvs(path: Path) -> list[tuple[str, str, str]]:
         for rule in w.iter("rule"):
             for rpv in rule.iter("pv_name"):
                 found.append((name, f"rule {rule.get('name')}", rpv.text or ""))
+        for script in w.findall("scripts/script"):
+            for spv in script.findall("pv_name"):
+                found.append((name, "script", spv.text or ""))
         for action in w.iter("action"):
             apv = action.findtext("pv_name")
             if apv:
@@ -305,10 +344,10 @@ def device_records(prefix: str) -> dict[str, str]:
 def shoot(dest: Path) -> int:
     """Render the PyDM screens against real IOCs in a typical state, as PNGs in ``dest``.
 
-    alice holds the lock (after a short queue session by bluesky); the lock screen is
-    seen by this OS user; the device panel as a ``queue`` member, once while alice holds
-    the lock (greyed out) and once after she released it; last, the lock screen with
-    the lock IOC stopped.
+    alice holds the lock (after three short queue sessions by bluesky: more History
+    than the box shows, newest first); the lock screen is seen by this OS user; the
+    device panel as a ``queue`` member, once while alice holds the lock (greyed out) and
+    once after she released it; last, the lock screen with the lock IOC stopped.
     """
     import tempfile
 
@@ -327,11 +366,12 @@ def shoot(dest: Path) -> int:
         devices.start()
         for pv, value in (("Shutter:Open", "0"), ("m1", "1.5"), ("m2", "10")):
             net.caput(devices.pv(pv), value, user="bluesky", text=False).check_returncode()
-        for user, pv, value in (
-                ("bluesky", "Acquire", '{"session": "queue", "lease": 60, "note": "scan 17"}'),
-                ("bluesky", "Release", "queue"),
+        queue = [(user, pv, value) for scan in (15, 16, 17) for user, pv, value in (
+            ("bluesky", "Acquire", f'{{"session": "queue", "lease": 60, "note": "scan {scan}"}}'),
+            ("bluesky", "Release", "queue"))]
+        for user, pv, value in queue + [
                 ("alice", "Acquire",
-                 '{"session": "align", "lease": 1800, "note": "aligning the DCM"}')):
+                 '{"session": "align", "lease": 1800, "note": "aligning the DCM"}')]:
             net.caput(lock.pv(pv), value, user=user).check_returncode()
         screen = PyDMScreen(net, "lock", {"P": "BL:LOCK:"}, work / "pydm-lock.log")
         screens.append(screen)

@@ -3,8 +3,9 @@ simulated beamline's softIoc, driven through Qt like a person would.
 
 The screen's CA identity is this test process's OS user (root in CI), whom the ``lock``
 fixture's config admits as a queue and operator member. ``lockctl`` runs as this user
-too (the venv is not readable by other users); alice acts through the real ``caput`` as
-the OS user alice.
+too: the venv's Python lives under /root (mode 0700), so other OS users cannot run it.
+alice acts through the real ``caput`` run as the OS user alice; that is where the screen
+is shown to display another user's identity.
 """
 from __future__ import annotations
 
@@ -34,13 +35,24 @@ def lockctl(net, lock, *args: str) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=60)
 
 
+def history(net, lock) -> list[str]:
+    """``$(P)History`` as read by the real ``caget -S``, one event per item (newest last).
+
+    caget prints a newline as ``\\n`` and a quote as ``\\'``; the tests' events are ASCII.
+    """
+    return net.caget(lock.pv("History")).encode().decode("unicode_escape").splitlines()
+
+
 def shows(screen: PyDMScreen, widget: str, text: str, timeout: float = 20) -> str:
     return wait_until(lambda: screen.text(widget) == text, timeout, 0.1,
                       what=f"{widget} to show {text!r}")
 
 
-def test_lockctl_acquire_shows_owner_and_release_button_frees(net, lock, lock_screen,
-                                                               tmp_path):
+def test_lockctl_acquire_as_this_user_shows_its_identity_and_release_button_frees(
+        net, lock, lock_screen, tmp_path):
+    """lockctl runs as this test's OS user (not alice: see the module docstring), so the
+    owner shown is this user's identity, the same as the screen's own. The session
+    (``beamtime``) is not the one in the screen's empty Session field, so Release asks."""
     shows(lock_screen, "state", "Free")
     assert lock_screen.prop("state", "lockState") == "Free"
     assert lock_screen.text("you") == f"you: {MYSELF}"
@@ -62,14 +74,17 @@ def test_lockctl_acquire_shows_owner_and_release_button_frees(net, lock, lock_sc
     assert data.startswith(PNG_MAGIC) and len(data) > 10_000
     print(f"screenshot: {shot}")
 
-    lock_screen.click("release")
+    question = lock_screen.click("release", confirm=True)
+    assert "Release session 'beamtime' of " + MYSELF in question
     shows(lock_screen, "state", "Free")
     assert net.caget(lock.pv("State")) == "Free"
     assert lock_screen.text("owner") == ""
-    assert "released " + MYSELF in lock_screen.text("history").splitlines()[-1]
+    assert "released " + MYSELF in lock_screen.text("history").splitlines()[0]   # newest
 
 
 def test_acquire_renew_release_from_the_screen_with_utf8_note(net, lock, lock_screen):
+    """The session shown is the one in the Session field: Renew and Release ask nothing
+    (a dialog would block the click until the driver's timeout)."""
     shows(lock_screen, "state", "Free")
     note = "Fe K-edge – Probe ü"
     lock_screen.type("acquire_session", "align")
@@ -104,13 +119,14 @@ def test_other_holder_is_shown_and_only_an_operator_confirmed_force_release_free
     shows(lock_screen, "owner", identity("alice"))
     shows(lock_screen, "state", "Held")
 
-    lock_screen.click("release")                 # not the holder: refused, nothing changes
+    lock_screen.click("release", confirm=True)   # not the holder: refused, nothing changes
     wait_until(lambda: "do not hold the lock" in lock_screen.text("message"), 10, 0.1)
     assert net.caget(lock.pv("Owner")) == identity("alice")
 
     lock_screen.type("reason", "beam dump recovery")
-    lock_screen.click("force_release", confirm=False)    # "No" in the dialog: no write
-    lock_screen.click("renew")                           # a later command, so the
+    question = lock_screen.click("force_release", confirm=False)   # "No": no write
+    assert "Force-release" in question and "Reason: beam dump recovery" in question
+    lock_screen.click("renew", confirm=True)             # a later command, so the
     wait_until(lambda: "Renew: refused" in lock_screen.text("message"), 10, 0.1)
     assert net.caget(lock.pv("Owner")) == identity("alice")   # "No" wrote nothing
 
@@ -119,13 +135,54 @@ def test_other_holder_is_shown_and_only_an_operator_confirmed_force_release_free
     assert f"force-released {MYSELF}" in lock_screen.text("history")
 
     lock_screen.type("reason", "vacuum work")
-    lock_screen.click("disable", confirm=True)
+    assert "Reason: vacuum work" in lock_screen.click("disable", confirm=True)
     shows(lock_screen, "state", "Disabled")
     wait_until(lambda: lock_screen.prop("state", "lockState") == "Disabled", 10, 0.1)
     assert "vacuum work" in lock_screen.text("disabled_reason")
     lock_screen.type("reason", "")
-    lock_screen.click("enable", confirm=True)
+    assert "Reason: (none)" in lock_screen.click("enable", confirm=True)
     shows(lock_screen, "state", "Free")
+
+
+def test_release_of_another_session_under_the_same_identity_asks_first(
+        net, lock, lock_screen):
+    """The queue worker runs as this same user@host: its session ``queue`` is shown, the
+    screen's Session field says ``scan42``; one click must not release the queue's lock."""
+    shows(lock_screen, "state", "Free")
+    assert net.caput(lock.pv("Acquire"), '{"session": "queue", "lease": 600}').returncode == 0
+    shows(lock_screen, "session", "queue")
+    lock_screen.type("acquire_session", "scan42")
+
+    question = lock_screen.click("release", confirm=False)     # "No": nothing written
+    assert question.startswith(f"Release session 'queue' of {MYSELF}?")
+    assert "Your Session field says 'scan42'" in question
+    lock_screen.type("acquire_lease", 900)
+    assert "Renew session 'queue'" in lock_screen.click("renew", confirm=True)
+    wait_until(lambda: float(lock_screen.text("remaining")[:-2]) > 800, 10, 0.1)
+    assert net.caget(lock.pv("Session")) == "queue"           # still held: "No" sent nothing
+    assert not any("released" in event for event in history(net, lock))
+
+    lock_screen.click("release", confirm=True)
+    shows(lock_screen, "state", "Free")
+    assert "released " + MYSELF in history(net, lock)[-1]
+
+
+def test_history_shows_the_newest_events_first_and_they_are_visible(net, lock, lock_screen):
+    """$(P)History holds more events than the box fits: the box keeps the last few,
+    newest first, and the newest is among the lines Qt actually draws in the label."""
+    shows(lock_screen, "state", "Free")
+    for n in range(1, 7):                                # 12 events
+        for pv, value in (("Acquire", f'{{"session": "s{n:02}", "note": "run {n}"}}'),
+                          ("Release", f"s{n:02}")):
+            assert net.caput(lock.pv(pv), value).returncode == 0
+    events = history(net, lock)
+    assert len(events) > 10 and "released" in events[-1] and "session=s06" in events[-1]
+
+    wait_until(lambda: lock_screen.visible_lines("history")[:1] == [events[-1]], 20, 0.1,
+               what="the newest event drawn on top of the history box")
+    assert lock_screen.prop("history", "lastLines") == 5
+    assert lock_screen.text("history").splitlines() == events[::-1][:5]
+    assert "session=s01" not in lock_screen.text("history")
 
 
 def test_ioc_down_greys_state_and_buttons(net, lock, lock_screen):
@@ -135,6 +192,7 @@ def test_ioc_down_greys_state_and_buttons(net, lock, lock_screen):
     wait_until(lambda: lock_screen.prop("state", "alarmSeverity") == 4, 20, 0.1,
                what="the disconnected border")
     assert lock_screen.prop("state", "lockState") == ""
+    shows(lock_screen, "history", f"ca://{lock.prefix}History")    # like every readback
     wait_until(lambda: not lock_screen.enabled("acquire"), 10, 0.1)
     assert not lock_screen.enabled("force_release")
 

@@ -30,6 +30,25 @@ UIS = sorted((CLIENTS / "pydm").glob("*.ui"))
 LOC_PV = re.compile(r'^loc://\w+\$\(DID\)<(VString|VDouble)>\((".*"|[0-9.]+)\)$')
 
 
+def top_level_calls(script: str) -> set[str]:
+    """Names of the functions an embedded script calls outside its own ``def``s."""
+    calls = set()
+    for stmt in ast.parse(script).body:     # Jython 2.7 code written to parse as Python 3
+        if isinstance(stmt, ast.FunctionDef):
+            continue
+        calls |= {n.func.id for n in ast.walk(stmt)
+                  if isinstance(n, ast.Call) and isinstance(n.func, ast.Name)}
+    return calls
+
+
+def constant(script: str, name: str):
+    """The value of a top-level ``NAME = literal`` in an embedded script."""
+    for stmt in ast.parse(script).body:
+        if isinstance(stmt, ast.Assign) and [t.id for t in stmt.targets] == [name]:
+            return ast.literal_eval(stmt.value)
+    raise AssertionError(f"no {name} in the script")
+
+
 def macros_for(group: str) -> dict[str, str]:
     return {"P": LOCK_P, "DEV": DEV_P, "GROUP": group}
 
@@ -115,6 +134,7 @@ def test_bob_buttons_write_commands_of_the_right_type(path):
     names = {w.findtext("name") for w in bob_widgets(path)}
     buttons = [w for w in bob_widgets(path) if w.get("type") == "action_button"]
     assert buttons
+    scripts: dict[str, str] = {}
     for w in buttons:
         name = w.findtext("name")
         actions = w.findall("actions/action")
@@ -127,11 +147,11 @@ def test_bob_buttons_write_commands_of_the_right_type(path):
             assert kind == "lock" and what.command and what.kind == "text", (name, target)
             script = action.findtext("script/text")
             assert action.find("script").get("file") == "EmbeddedPy"
-            ast.parse(script)     # Jython 2.7 code written to parse as Python 3 too
             assert script.count(".write(") == 1
             assert 'PVUtil.createPV(widget.getPropertyValue("pv_name"), 5000)' in script
             assert 'pv.write(array(data, "b"))' in script
-            assert re.search(r"^send\(", script, re.MULTILINE), f"{name}: script sends nothing"
+            scripts[name] = script
+            assert "send" in top_level_calls(script), f"{name}: script sends nothing"
             for ref in re.findall(r'value_of\("(\w+)"', script):
                 assert ref in names, f"{name}: script reads missing widget {ref}"
             if what.suffix == "Acquire":
@@ -150,8 +170,69 @@ def test_bob_buttons_write_commands_of_the_right_type(path):
                     for w in buttons}
         expected = {LOCK_P + c for c in contract.COMMANDS if c != "Ping"}
         assert commands == expected
-        confirmed = {w.findtext("name") for w in buttons if w.findtext("confirm_dialog")}
-        assert confirmed == {"force_release", "disable", "enable"}
+        check_lock_button_dialogs(buttons, scripts)
+
+
+def check_lock_button_dialogs(buttons: list[ET.Element], scripts: dict[str, str]) -> None:
+    """Phoebus lock buttons: dialogs that show what is sent, never a fixed text.
+
+    A button's confirm_dialog text is fixed, and a text entry keeps typed text only on
+    Enter, so the scripts ask: the operator commands show the reason (and refuse an
+    empty one where the lock requires it); Renew and Release ask when the session shown
+    is not the one in the viewer's Session field; Acquire refuses an empty session.
+    """
+    assert not [w.findtext("name") for w in buttons if w.findtext("confirm_dialog")]
+    confirmed = {n for n, s in scripts.items() if "ask" in top_level_calls(s)}
+    assert confirmed == {"force_release", "disable", "enable"}
+    for name in confirmed:
+        assert constant(scripts[name], "QUESTION"), name
+        assert '"\\n\\nReason: "' in scripts[name], f"{name}: the question shows the reason"
+    required = {n for n, s in scripts.items() if "refuse" in top_level_calls(s)}
+    assert required == {"acquire", "force_release", "disable"}
+    assert all("Enter" in scripts[n] for n in required), "say how to apply a typed value"
+    for name in ("renew", "release"):
+        assert "check_session" in top_level_calls(scripts[name]), name
+    body = scripts["release"]
+    assert 'shown = value_of("session")' in body and 'mine = value_of("acquire_session")' in body
+    assert "if not shown or shown == mine:" in body and "if ask(" in body
+
+
+def test_bob_entries_say_that_enter_applies_them():
+    """A Phoebus text entry restores its old value on focus loss: the screen says so."""
+    widgets = bob_widgets(CLIENTS / "phoebus" / "lock.bob")
+    hints = [w for w in widgets if w.get("type") == "label"
+             and "press Enter" in (w.findtext("text") or "")]
+    entries = [w for w in widgets if w.get("type") == "textentry"]
+    assert entries and len(hints) == 2
+    for entry in entries:        # a hint above each block of entries, within 70 px
+        y = int(entry.findtext("y"))
+        assert any(0 < y - int(h.findtext("y")) <= 70 for h in hints), entry.findtext("name")
+    assert "press Enter" not in (CLIENTS / "pydm" / "lock.ui").read_text(encoding="utf-8")
+
+
+def test_bob_history_shows_the_last_events_newest_first():
+    """A text update shows all of $(P)History (newest last) and cuts what does not fit at
+    the end: the newest would be cut. A script puts the last few lines, newest first,
+    into a label instead, and shows the PV name while it is disconnected."""
+    (w,) = [w for w in bob_widgets(CLIENTS / "phoebus" / "lock.bob")
+            if w.findtext("name") == "history"]
+    assert w.get("type") == "label" and w.find("pv_name") is None
+    assert w.findtext("vertical_alignment") == "0" and w.findtext("wrap_words") == "true"
+    (script,) = w.findall("scripts/script")
+    assert script.get("file") == "EmbeddedPy"
+    assert script.get("check_connections") == "false", "run on disconnect too"
+    assert [p.text for p in script.findall("pv_name")] == ["$(P)History"]
+    body = script.findtext("text")
+    assert constant(body, "LAST") == screens_gen.HISTORY_SHOWN
+    assert "value = pvs[0].read()" in body and "if PV.isDisconnected(value):" in body
+    assert 'text = "\\n".join(reversed(lines[-LAST:]))' in body
+    assert top_level_calls(body) >= {"reversed"} and 'widget.setPropertyValue("text", text)' \
+        in body
+    ui = ET.parse(CLIENTS / "pydm" / "lock.ui").getroot()
+    (label,) = [x for x in ui.iter("widget") if x.get("name") == "history"]
+    props = ui_props(label)
+    assert props["lastLines"] == str(screens_gen.HISTORY_SHOWN)
+    assert props["displayLabelText"] == "true" and "AlignTop" in props["alignment"]
 
 
 def test_bob_rules_use_contract_states_and_gates():
@@ -164,8 +245,18 @@ def test_bob_rules_use_contract_states_and_gates():
                     assert pvs == ["$(P)Gate:$(GROUP)"]
                     assert w.findtext("enabled") == "false", "gated widgets start disabled"
                     assert [e.get("bool_exp") for e in rule.iter("exp")] == ["pv0==1"]
-                for exp in rule.iter("exp"):
-                    state_rule_states.update(re.findall(r'pvStr0=="(\w+)"', exp.get("bool_exp")))
+                if rule.get("name") == "state colour":
+                    # Numeric: PVUtil.getDouble is NaN on disconnect, so no expression
+                    # matches and the rule's else branch restores the initial grey.
+                    # (pvStr0 raises on a disconnected PV: the last colour would stay.)
+                    exps = [e.get("bool_exp") for e in rule.iter("exp")]
+                    assert all(re.fullmatch(r"pv0==\d", e) for e in exps), exps
+                    state_rule_states.update(contract.STATES[int(e[-1])] for e in exps)
+                    assert rule.get("out_exp") == "false"
+                    grey = w.find("background_color/color")
+                    assert (int(grey.get("red")), int(grey.get("green")), int(grey.get("blue"))
+                            ) == screens_gen.GREY
+        assert "pvStr" not in path.read_text(encoding="utf-8")
     assert state_rule_states == set(contract.STATES)
     gated = [w.findtext("name") for w in bob_widgets(CLIENTS / "phoebus" / "devices.bob")
              if w.find("rules/rule[@prop_id='enabled']") is not None]

@@ -9,6 +9,12 @@ The widgets and every PV name are in ``lock.ui``, generated from the PV contract
   PyDM still greys a button out when its PV is disconnected or not writable;
 * the State label's colour (Free green, Held amber, Disabled red, grey when the IOC
   is unreachable, with PyDM's disconnected border);
+* the History box: only the last ``lastLines`` events (a property in lock.ui), newest
+  first, so the newest stays visible however long the events are (a QLabel whose text
+  is too tall shows its top);
+* confirmations that say what is sent: the operator commands show the reason; Renew
+  and Release ask first when the session shown (which they act on) is not the one in
+  this screen's Session field, e.g. the queue's session under the same ``user@host``;
 * "you: user@host", the CA identity the lock sees for this screen.
 
 A refused command changes nothing; the lock's reason appears in "Last message".
@@ -24,6 +30,8 @@ from collections.abc import Callable
 import numpy as np
 from pydm import Display
 from pydm.widgets.channel import PyDMChannel
+from pydm.widgets.display_format import DisplayFormat, parse_value_for_display
+from qtpy.QtWidgets import QMessageBox, QWidget
 
 
 def identity() -> str:
@@ -34,6 +42,20 @@ def identity() -> str:
 def encode(text: str) -> np.ndarray:
     """Text as a NUL-terminated UTF-8 CHAR array (what ``caput -S`` sends)."""
     return np.frombuffer(text.encode("utf-8") + b"\0", dtype=np.uint8)
+
+
+def newest_first(history: str, count: int) -> str:
+    """The last ``count`` non-empty lines of ``$(P)History`` (newest last), newest first."""
+    lines = [line for line in history.splitlines() if line.strip()]
+    return "\n".join(reversed(lines[-count:])) if count > 0 else ""
+
+
+def ask(parent: QWidget, question: str) -> bool:
+    """Yes/No, No by default (as PyDM's own confirmation dialog)."""
+    box = QMessageBox(QMessageBox.Question, "Beamline lock", question,
+                      QMessageBox.Yes | QMessageBox.No, parent)
+    box.setDefaultButton(QMessageBox.No)
+    return box.exec_() == QMessageBox.Yes
 
 
 class LockDisplay(Display):
@@ -54,12 +76,18 @@ class LockDisplay(Display):
         for name, build in builds.items():
             button = getattr(ui, name)
             button.clicked.disconnect()          # not PyDMPushButton's fixed pressValue
-            button.clicked.connect(lambda _=False, b=button, f=build: self.send(b, f()))
+            button.clicked.connect(
+                lambda _=False, n=name, b=button, f=build: self.send(n, b, f()))
         self._enum: tuple[str, ...] = ()
         self._state_channel = PyDMChannel(
             address=ui.state.channel, value_slot=self._state_value,
             enum_strings_slot=self._state_enums, connection_slot=self._state_connection)
         self._state_channel.connect()
+        ui.history.setText(ui.history.channel)      # until the first value arrives
+        self._history_channel = PyDMChannel(
+            address=ui.history.channel, value_slot=self._history_value,
+            connection_slot=self._history_connection)
+        self._history_channel.connect()
 
     # ---- what each command writes ---------------------------------------------------
     # (PyDM also sets each widget of the .ui as an attribute of the display: no method
@@ -84,12 +112,33 @@ class LockDisplay(Display):
     def _reason_text(self) -> str:
         return self.ui.reason.text().strip()
 
-    @staticmethod
-    def send(button, text: str) -> None:
-        """Confirm if the button asks to, then write through the button's channel."""
-        if not button.confirm_dialog():
+    def _question(self, name: str, button, text: str) -> str:
+        """What to ask before writing ``text`` ("" = write at once)."""
+        if name in ("renew", "release"):
+            shown, mine = self._shown_session(), self.ui.acquire_session.text().strip()
+            if not shown or shown == mine:
+                return ""
+            return (f"{button.text()} session '{shown}' of {self.ui.owner.text()}?\n"
+                    f"Your Session field says '{mine}'.")
+        if button.showConfirmDialog:
+            return f"{button.confirmMessage}\n\nReason: {text or '(none)'}"
+        return ""
+
+    def send(self, name: str, button, text: str) -> None:
+        """Ask if needed, then write through the button's channel."""
+        question = self._question(name, button, text)
+        if question and not ask(self, question):
             return
         button.send_value_signal[np.ndarray].emit(encode(text))
+
+    # ---- history: the last events, newest first ----------------------------------------
+    def _history_value(self, value) -> None:
+        text = parse_value_for_display(value, 0, DisplayFormat.String, "utf_8", self.ui.history)
+        self.ui.history.setText(newest_first(str(text), int(self.ui.history.property("lastLines"))))
+
+    def _history_connection(self, connected: bool) -> None:
+        if not connected:            # as every other readback: show the PV it waits for
+            self.ui.history.setText(self.ui.history.channel)
 
     # ---- state colour -----------------------------------------------------------------
     def _state_enums(self, names) -> None:
