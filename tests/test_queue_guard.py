@@ -205,6 +205,10 @@ def test_force_release_mid_scan_suspends_and_resumes_only_with_the_lock(qs):
         # The reason reaches the API: the worker console and the guard's status function.
         text = _console_until(api, "SUSPENDING", timeout=20)
         assert "force-released operator@" in text and "beam dump drill" in text, text
+        # bluesky itself suspended the plan, with the guard's justification.
+        text = _console_until(api, "Justification for this suspension", timeout=20)
+        why = text.split("Justification for this suspension:", 1)[1]
+        assert "the queue lost the beamline lock" in why, text
         res = _function(api, "lock_status")
         assert res["suspended"] is True and res["held_by_queue"] is False, res
         assert "beam dump drill" in res["reason"], res
@@ -389,3 +393,39 @@ def test_lease_lost_while_frozen_suspends_without_writes_until_the_queue_holds_i
     finally:
         writes.stop()
         proc.stop()
+
+
+def test_lock_ioc_down_mid_plan_suspends_and_the_durable_grant_resumes_it(plain):
+    """kill -9 of the lock IOC mid-scan: lock state unknown, the plan suspends with no
+    device writes; the restarted IOC still has the queue's grant, and the plan resumes."""
+    net, lock, beamline = plain
+    m1, stop = beamline.pv("m1"), beamline.pv("m1:STOP")
+    writes = Monitor(net, m1, stop)
+    proc = GuardProcess(net, lock, beamline, LEASE="60", WAIT="0", WAIT2="0", STOPS="6")
+    restarted = None
+    try:
+        wait_until(lambda: float(net.caget(beamline.pv("m1:RBV"))) > 1.5, 60,
+                   what="the scan to be under way")
+        token = net.caget(lock.pv("Token"))
+        lock.kill9()
+        killed = time.time()
+        line = proc.wait_for("SUSPENDING", 20)
+        assert "lock state unknown" in line, line
+        settled = killed + 1.0
+        time.sleep(max(0.0, settled - time.time()) + 3.0)
+        assert writes.values(m1, since=settled) == [], writes.updates
+        assert writes.values(stop, since=settled) == [], writes.updates
+        assert "DONE" not in proc.output()
+
+        # Same port, same state file: the grant survived, the queue holds it again.
+        restarted = LockIOC(net, lock.workdir, prefix=lock.prefix, port=lock.port).start()
+        assert (net.caget(lock.pv("State")), net.caget(lock.pv("Token"))) == ("Held", token)
+        proc.wait_for("holds the beamline lock again", 30)
+        proc.wait_for("DONE 6", 120)
+        assert proc.proc.wait(30) == 0, proc.output()
+        assert float(net.caget(m1)) == 6.0
+    finally:
+        writes.stop()
+        proc.stop()
+        if restarted is not None:
+            restarted.stop()

@@ -9,9 +9,10 @@ nothing else (bluesky-queueserver stays unmodified; a profile collection adds tw
   lock the plan fails at once, before any message reaches hardware, with a message
   naming holder, note and lease end (bluesky-queueserver puts it in the history item and
   stops the queue). Between two plans the lock stays held; it is released only after
-  ``linger`` seconds with no plan running. While a plan runs, every message that writes
-  to hardware (``set``, ``trigger``, ...) is held back unless this process still holds
-  the lock: a fence against the instant between losing the lock and the suspension.
+  ``linger`` seconds with no plan running. While a plan runs, every message that may
+  make hardware do something (all but the reads and bookkeeping of ``READ_COMMANDS``) is
+  held back unless this process still holds the lock: a fence against the instant
+  between losing the lock and the suspension.
 - a **suspender** (``RE.install_suspender``) on an ophyd soft ``Signal`` that is 1 while
   a plan runs and the lock is not (or no longer) held by us. The signal is driven by the
   lock client's monitor callbacks (no polling). When the lock is revoked mid-plan
@@ -25,6 +26,7 @@ is the client's monitors plus one Acquire per plan and one Release per queue run
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import itertools
 import logging
 import queue
@@ -45,9 +47,14 @@ DEFAULT_SESSION = "queue"
 DEFAULT_LINGER = 5.0
 DEFAULT_LEASE = 30.0
 DEFAULT_RESUME_DELAY = 1.0
-#: Plan messages that make a device do something (as opposed to read or bookkeeping).
-WRITE_COMMANDS = frozenset({"set", "trigger", "kickoff", "complete", "configure", "stage",
-                            "unstage", "prepare", "stop"})
+#: Plan messages that only read or keep books: they pass the fence while the lock is lost.
+#: Every other message (``set``, ``trigger``, ``stage``, ``kickoff``, ``configure``, a
+#: command a beamline registered, ...) may make a device do something, so it waits.
+READ_COMMANDS = frozenset({
+    "open_run", "close_run", "create", "save", "drop", "read", "locate", "describe",
+    "declare_stream", "collect", "monitor", "unmonitor", "checkpoint", "clear_checkpoint",
+    "rewindable", "sleep", "wait", "wait_for", "null", "pause", "input", "subscribe",
+    "unsubscribe", "install_suspender", "remove_suspender"})
 #: How ``print`` lines of the guard start, so they are easy to find in console output.
 TAG = "beamline-lock guard:"
 
@@ -108,8 +115,9 @@ class LockGuard:
         self._waiters_lock = threading.Lock()
         self._wake: queue.SimpleQueue = queue.SimpleQueue()
         self._callback_id: int | None = None
-        self._thread = threading.Thread(target=self._run, daemon=True,
-                                        name=f"beamline-lock guard {lock.prefix}")
+        self._thread: threading.Thread | None = None
+        self._pool: concurrent.futures.ThreadPoolExecutor | None = None  # plan acquires
+        self._session_before: str | None = None
         self._installed = False
 
     # ---- installation --------------------------------------------------------------
@@ -117,11 +125,19 @@ class LockGuard:
         """Add the preprocessor and the suspender to ``RE`` (bluesky's public API)."""
         if self._installed:
             raise RuntimeError("this lock guard is already installed")
+        if any(isinstance(getattr(p, "__self__", None), LockGuard) for p in RE.preprocessors):
+            raise RuntimeError("this RunEngine already has a beamline lock guard: install "
+                               "one guard per RunEngine")
         self.RE = RE
         self._installed = True
         # This process's gated devices write under the queue's session only.
-        self.lock.session = self.session
+        self._session_before, self.lock.session = self.lock.session, self.session
+        self._wake = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, args=(self._wake,), daemon=True,
+                                        name=f"beamline-lock guard {self.lock.prefix}")
         self._thread.start()
+        self._pool = concurrent.futures.ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix="beamline-lock guard acquire")
         RE.preprocessors.append(self.preprocessor)
         RE.install_suspender(self.suspender)
         self._callback_id = self.lock.add_callback(self._on_lock_event)
@@ -133,6 +149,9 @@ class LockGuard:
         """Remove what :meth:`install` added and release the lock if we hold it."""
         if not self._installed:
             return
+        if self._active:
+            raise RuntimeError("lock guard: a plan is running under it; uninstall after the "
+                               "plan ends (or abort it)")
         if self.preprocessor in self.RE.preprocessors:
             self.RE.preprocessors.remove(self.preprocessor)
         self.RE.remove_suspender(self.suspender)
@@ -141,6 +160,8 @@ class LockGuard:
         self._cancel_linger()
         self._release_if_idle(force=True)
         self._wake.put(None)
+        self._pool.shutdown(wait=False)
+        self.lock.session = self._session_before
         self._installed = False
 
     def _adopt_leftover(self) -> None:
@@ -176,12 +197,20 @@ class LockGuard:
             return attempt
 
     def _acquire_for_plan(self, attempt: int, name: str) -> Generator[Msg, Any, None]:
-        """Acquire (or renew, adding the plan's name to the note) off the RE's loop."""
+        """Acquire (or renew, adding the plan's name to the note) off the RE's loop.
+
+        bluesky may cancel this message (an immediate pause, another suspender) and then
+        replay it or send None back: every replay waits on the same acquire, which runs
+        once per plan start."""
+        job: list[concurrent.futures.Future] = []
+
         def factory():
-            return asyncio.get_running_loop().run_in_executor(
-                None, self._acquire_blocking, attempt, name)
-        futures = yield Msg("wait_for", None, [factory])
-        exc = futures[0].exception()
+            if not job or job[0].cancelled():
+                job[:] = [self._pool.submit(self._acquire_blocking, attempt, name)]
+            return asyncio.wrap_future(job[0])
+        while not (job and job[0].done() and not job[0].cancelled()):
+            yield Msg("wait_for", None, [factory])
+        exc = job[0].exception()
         if exc is not None:
             raise plan_refusal(name, exc) from None
 
@@ -191,8 +220,11 @@ class LockGuard:
                                    keep_alive=True)
         with self._mutex:
             if attempt != self._current_attempt or self._active == 0:
-                # The plan was abandoned (paused/aborted) while we waited: no plan needs it.
-                self._schedule_linger()
+                # The plan was abandoned (aborted) while we waited: no plan needs it, and
+                # whoever waited for the holder we waited for may take it now.
+                print(f"{TAG} the plan that asked for the lock ended before it was granted; "
+                      "releasing it", flush=True)
+                self._release_if_idle()
         return status
 
     def _arm(self, attempt: int) -> None:
@@ -214,7 +246,7 @@ class LockGuard:
     # ---- the fence -------------------------------------------------------------------
     def _fence(self, msg: Msg):
         """plan_mutator hook: a write goes out only while we hold the lock."""
-        if msg.command not in WRITE_COMMANDS:
+        if msg.command in READ_COMMANDS:
             return None, None
         return self._permitted(msg), None
 
@@ -255,9 +287,9 @@ class LockGuard:
     def _on_lock_event(self, status: LockStatus) -> None:
         self._wake.put(status.event or "change")
 
-    def _run(self) -> None:
+    def _run(self, wake: queue.SimpleQueue) -> None:
         while True:
-            item = self._wake.get()
+            item = wake.get()
             if item is None:
                 return
             try:
@@ -274,14 +306,19 @@ class LockGuard:
             armed = self._armed
         tripped = bool(self.signal.get())
         if armed and not held and not tripped:
-            self.reason = self._lost_reason()
+            # Suspend first, on monitored state alone: a CA read could wait seconds for a
+            # lock IOC that is gone. The IOC's record of who took the lock follows.
+            status = self.lock.status()
+            self.reason = status.lost or state_text(status)
+            self.signal.put(1)
+            self.reason = self._lost_reason(status)
             msg = (f"{TAG} SUSPENDING the plan: the queue lost the beamline lock: "
                    f"{self.reason}. No device writes until the queue holds the lock again "
                    f"(qserver function execute '{{\"name\": \"lock_reacquire\"}}' background), "
-                   f"or pause and abort the plan (qserver re pause; qserver re abort).")
+                   f"or pause and abort the plan (qserver re pause immediate; "
+                   f"qserver re abort).")
             print(msg, flush=True)  # the RE worker's console: qserver console_monitor
             log.debug(msg)
-            self.signal.put(1)
         elif tripped and (held or not armed):
             if held:
                 token = self.lock.token
@@ -291,15 +328,16 @@ class LockGuard:
         if armed and not held:
             self._maybe_adopt()
 
-    def _lost_reason(self) -> str:
-        status = self.lock.status()
-        try:
-            history = self.lock.history()
-        except LockError:
-            history = []
-        if history:  # who took it and why, from the lock IOC's own record
-            return f"lock is {status.describe()}; last lock event: {history[-1]}"
-        return status.lost or f"lock is {status.describe()}"
+    def _lost_reason(self, status: LockStatus) -> str:
+        """Why the lock is not ours, with the lock IOC's last event when it answers."""
+        if status.connected:
+            try:
+                history = self.lock.history()
+            except LockError:
+                history = []
+            if history:  # who took it and why, from the lock IOC's own record
+                return f"{state_text(status)}; last lock event: {history[-1]}"
+        return status.lost or state_text(status)
 
     def _maybe_adopt(self) -> None:
         """The queue's own identity and session hold the lock again (e.g. ``lockctl
@@ -363,8 +401,14 @@ class LockGuard:
         return {"session": self.session, "held_by_queue": s.held_by_me,
                 "plan_running": bool(self._active), "suspended": bool(self.signal.get()),
                 "reason": self.reason if self.signal.get() else "",
-                "lock": s.describe(), "linger": self.linger, "wait": self.wait,
+                "lock": state_text(s), "linger": self.linger, "wait": self.wait,
                 "lease": self.lease}
+
+
+def state_text(status: LockStatus) -> str:
+    """``lock is Free, token 7`` or ``lock state unknown (...)``."""
+    text = status.describe()
+    return text if not status.connected else f"lock is {text}"
 
 
 def plan_refusal(name: str, exc: BaseException) -> BaseException:
@@ -426,4 +470,5 @@ def seconds_from_env(environ: dict, name: str, default: float | None) -> float |
 
 
 __all__ = ["LockGuard", "LockSuspender", "install_lock_guard", "plan_refusal",
-           "seconds_from_env", "WRITE_COMMANDS", "DEFAULT_LINGER", "DEFAULT_LEASE"]
+           "seconds_from_env", "state_text", "READ_COMMANDS", "DEFAULT_LINGER",
+           "DEFAULT_LEASE"]
