@@ -22,7 +22,7 @@ from pathlib import Path
 
 from lock_ioc import contract
 
-from .processes import Child, free_port, port_free
+from .processes import Child, free_port, port_free, udp_port_free
 
 REPO = Path(__file__).resolve().parent.parent
 STARTUP_DIR = REPO / "clients" / "startup"
@@ -45,8 +45,9 @@ groups:
 """
 
 
-class Stop(Exception):
-    """SIGINT or SIGTERM: stop everything."""
+class Stop(BaseException):
+    """SIGINT or SIGTERM: stop everything (a BaseException, so that no ``except
+    Exception`` around a readiness probe can swallow it)."""
 
 
 def _on_signal(signum, _frame) -> None:
@@ -128,6 +129,17 @@ class Demo:
         return child
 
     # ---- the parts ------------------------------------------------------------------
+    def start_repeater(self) -> None:
+        """A CA repeater of our own unless one already serves this host: otherwise the
+        first libca client (our readiness probes) would spawn one in our process group,
+        and it would outlive the demo."""
+        port = int(os.environ.get("EPICS_CA_REPEATER_PORT") or 5065)
+        if not udp_port_free(port):
+            return  # a repeater is there already: every libca client of ours uses it
+        repeater = self._spawn(Child("caRepeater", [str(self.bin / "caRepeater")],
+                                     env=self.env(), log=self.work / "caRepeater.log"))
+        repeater.wait_ready(lambda: not udp_port_free(port), 10)
+
     def start_lock_ioc(self) -> None:
         config = self.work / "lock.yaml"
         config.write_text(LOCK_CONFIG.format(me=ME, prefix=self.lock_prefix,
@@ -209,7 +221,8 @@ class Demo:
 
     # ---- running ---------------------------------------------------------------------
     def start(self) -> None:
-        for step, what in ((self.start_lock_ioc, "lock IOC"),
+        for step, what in ((self.start_repeater, "CA repeater"),
+                           (self.start_lock_ioc, "lock IOC"),
                            (self.start_beamline, "simulated beamline softIoc (ACF)"),
                            (self.start_redis, "Redis"),
                            (self.start_manager, "RE Manager + RE environment")):

@@ -110,6 +110,14 @@ def port_free(port: int) -> bool:
     try:
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as tcp:
             tcp.bind(("127.0.0.1", port))
+    except OSError:
+        return False
+    return udp_port_free(port)
+
+
+def udp_port_free(port: int) -> bool:
+    """Whether UDP 127.0.0.1:``port`` is free (the CA repeater's port is UDP only)."""
+    try:
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
             udp.bind(("127.0.0.1", port))
     except OSError:

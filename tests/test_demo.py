@@ -9,7 +9,7 @@ import sys
 import threading
 from pathlib import Path
 
-from epics_env import REPO, wait_until
+from epics_env import REPO, free_port, wait_until
 
 
 def demo_processes(workdir: Path) -> dict[int, str]:
@@ -38,10 +38,13 @@ class DemoRun:
     def __init__(self, workdir: Path):
         self.workdir = workdir
         self.lines: list[str] = []
+        # A CA repeater port of its own: on a fresh machine no repeater runs yet, and the
+        # demo must not leave the one its clients need behind.
+        env = dict(os.environ, EPICS_CA_REPEATER_PORT=str(free_port()))
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "demo", "--free-ports", "--workdir", str(workdir),
              "--linger", "1"],
-            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
             start_new_session=True)  # like a terminal: its own foreground process group
         threading.Thread(target=self._read, daemon=True).start()
 
@@ -85,7 +88,7 @@ def test_demo_starts_everything_and_ctrl_c_stops_everything(tmp_path):
                      "lock_reacquire"):
             assert hint in out, out
         running = " | ".join(demo_processes(tmp_path).values())
-        for part in ("lock_ioc", "softIoc", "redis-server", "start-re-manager"):
+        for part in ("caRepeater", "lock_ioc", "softIoc", "redis-server", "start-re-manager"):
             assert part in running, running
         # The cheat sheet's environment reaches the system: the RE worker's lock is there.
         env_sh = (tmp_path / "env.sh").read_text()
