@@ -27,7 +27,8 @@ test: $(STAMP) system
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 # The whole system on loopback (lock IOC, beamline softIoc + ACF, Redis, RE Manager);
-# Ctrl-C stops it all. Installs redis-server first if it is missing (needs root).
+# Ctrl-C stops it all. If redis-server is missing, runs `make system` first (needs root:
+# Redis and the test OS users the cheat sheet's runuser lines use).
 demo: $(STAMP)
 	@command -v redis-server >/dev/null 2>&1 || $(MAKE) system
 	$(PY) -m demo $(ARGS)
