@@ -20,6 +20,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from beamline_lock.cli import seconds_type
 from lock_ioc import contract
 
 from .processes import Child, free_port, port_free, udp_port_free
@@ -295,18 +296,6 @@ def _quote(value: str) -> str:
     return "'" + value.replace("'", "'\"'\"'") + "'"
 
 
-def _seconds(text: str) -> float:
-    """A number of seconds, zero or more (checked before anything is started)."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") \
-            from None
-    if not 0 <= value < float("inf"):
-        raise argparse.ArgumentTypeError(f"expected zero or more seconds, got {text!r}")
-    return value
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="make demo", description=__doc__.split("\n\n")[0])
     p.add_argument("--free-ports", action="store_true",
@@ -316,7 +305,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                      "temporary directory, removed on a clean stop)")
     p.add_argument("--keep", action="store_true", help="keep the temporary directory")
     p.add_argument("--prefix", default="BL:", help="device PV prefix (lock: PREFIX + LOCK:)")
-    p.add_argument("--linger", type=_seconds, default=5.0,
+    p.add_argument("--linger", type=seconds_type(allow_zero=True), default=5.0,
                    help="seconds the queue keeps the lock after its last plan (default 5)")
     return p.parse_args(argv)
 

@@ -26,15 +26,24 @@ OK, REFUSED, USAGE, UNREACHABLE = 0, 1, 2, 3
 SETTLE = 0.05
 
 
-def _positive(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") \
-            from None
-    if not value > 0 or value != value or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"expected a positive number of seconds, got {text!r}")
-    return value
+def seconds_type(allow_zero: bool = False) -> Callable[[str], float]:
+    """An argparse ``type`` for a finite number of seconds, more than zero (or zero or
+    more): bad input is a usage error that names the value, never a traceback."""
+    bound = "zero or more seconds" if allow_zero else "a positive number of seconds"
+
+    def seconds(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") \
+                from None
+        if not (value >= 0 if allow_zero else value > 0) or value == float("inf"):
+            raise argparse.ArgumentTypeError(f"expected {bound}, got {text!r}")
+        return value
+    return seconds
+
+
+_positive = seconds_type()
 
 
 def _count(text: str) -> int:
