@@ -31,7 +31,7 @@ setInterval(() => {
   const view = JSON.stringify({
     state: el("state").textContent, holder: el("holder").textContent,
     message: el("message").textContent, result: el("result").textContent,
-    release_enabled: !el("release").disabled,
+    release_enabled: !el("release").disabled, take_enabled: !el("take").disabled,
     renewing: vm.runInThisContext("renewTimer !== null"),
     hold: vm.runInThisContext("hold"),
   });

@@ -23,6 +23,7 @@ import pytest
 from beamline_env import SoftIoc
 from epics_env import HOST, ME, REPO, LockIOC, identity, wait_until
 from ws_env import OphydWebsocket, Page, WsClient, web_seat_config
+from ws_replay_proxy import ReplayProxy
 
 P = "TST:LOCK:"
 B = "TST:"
@@ -355,6 +356,39 @@ def test_example_page_keeps_its_lease_alive_until_released_or_taken_away(net, se
         assert view["message"].startswith("released by"), view
     finally:
         page.close()
+
+
+def test_example_page_keeps_its_grant_when_an_old_token_value_arrives_late(net, seats):
+    """The race of a fresh clone's failed run, made certain. ophyd-websocket delivers a
+    PV's first value twice (ophyd's monitor and its connection-time replay, two threads);
+    under load the replay of ``Token = 0`` reached the page after the grant's ``Token = 1``.
+    The page took that old value for the lock changing hands, stopped renewing, and its
+    lease ran out while it still showed Held. The proxy replays that copy after the
+    grant's Token; the page must ignore a value older than the one it has."""
+    seat = seats("web:alice")
+    token_pv = P + "Token"
+    proxy = ReplayProxy(
+        f"ws://127.0.0.1:{seat.port}",
+        hold=lambda m: m.get("pv") == token_pv and m.get("value") == 0,
+        release_after=lambda m: m.get("pv") == token_pv and m.get("value") == 1).start()
+    page = Page(REPO / "clients" / "websocket" / "lock-panel.html",
+                f"?ows=ws://127.0.0.1:{proxy.port}&lock={P}&user=alice")
+    try:
+        page.wait_for(lambda v: v["state"] == "Free" and v["take_enabled"], 20,
+                      "the lock Free and Take enabled")
+        page.do("set lease 4")
+        page.do("click take")
+        page.wait_for(lambda v: v["hold"] and v["hold"]["token"] == 1 and v["renewing"], 10,
+                      "the page's grant")
+        assert proxy.replayed.wait(10), "the old Token value was never replayed"
+        time.sleep(10)  # 2.5 leases: only the page's renewals keep it
+        assert (net.caget(P + "State"), net.caget(P + "Session"), int(net.caget(P + "Token"))) \
+            == ("Held", "web:alice", 1)
+        view = page.views[-1]
+        assert view["renewing"] and view["hold"]["token"] == 1, view
+    finally:
+        page.close()
+        proxy.stop()
 
 
 def test_bad_input_from_a_page_gets_a_clear_answer(net, seats, ws):
