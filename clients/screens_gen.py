@@ -162,29 +162,29 @@ def device_panel() -> list[W]:
           W("label", "gate_label", 10, 44, 130, 24, text="Gate $(GROUP)"),
           W("readback", "gate", 145, 44, 50, 24, pv=contract.gate_suffix("$(GROUP)"),
             disconnected="?"),
-          W("label", "lock_state_label", 250, 44, 70, 24, text="Lock"),
-          W("readback", "lock_state", 330, 44, 120, 24, pv="State",
+          W("label", "lock_state_label", 265, 44, 70, 24, text="Lock"),
+          W("readback", "lock_state", 345, 44, 110, 24, pv="State",
             disconnected=STATE_UNKNOWN),
           W("label", "lock_owner_label", 10, 72, 130, 24, text="Held by"),
           W("readback", "lock_owner", 145, 72, 425, 24, pv="Owner"),
           W("label", "command_heading", 110, 104, 110, 20, text="gated"),
-          W("label", "safe_heading", 226, 104, 100, 20, text="never gated"),
-          W("label", "readback_heading", 330, 104, 120, 20, text="readback"),
-          W("label", "moving_heading", 460, 104, 80, 20, text="moving"),
+          W("label", "safe_heading", 226, 104, 115, 20, text="never gated"),
+          W("label", "readback_heading", 345, 104, 110, 20, text="readback"),
+          W("label", "moving_heading", 470, 104, 80, 20, text="moving"),
           W("label", "shutter_label", 10, 130, 100, text="Shutter"),
           W("write", "shutter_open", 120, 128, 90, 28, text="Open", pv="Shutter:Open",
             lock=False, value="1", gated=True),
           W("write", "shutter_close", 226, 128, 84, 28, text="Close", pv="Shutter:Close",
             lock=False, value="1"),
-          W("readback", "shutter_status", 330, 130, 120, pv="Shutter:Status", lock=False)]
+          W("readback", "shutter_status", 345, 130, 110, pv="Shutter:Status", lock=False)]
     y = 168
     for m in ("m1", "m2"):
         ws += [W("label", f"{m}_label", 10, y + 2, 100, text=f"Motor {m}"),
                W("setpoint", f"{m}_setpoint", 110, y, 110, 28, pv=m, lock=False, gated=True),
                W("write", f"{m}_stop", 226, y, 84, 28, text="Stop", pv=f"{m}:STOP",
                  lock=False, value="1"),
-               W("readback", f"{m}_rbv", 330, y + 2, 120, pv=f"{m}:RBV", lock=False),
-               W("readback", f"{m}_movn", 460, y + 2, 60, pv=f"{m}:MOVN", lock=False)]
+               W("readback", f"{m}_rbv", 345, y + 2, 110, pv=f"{m}:RBV", lock=False),
+               W("readback", f"{m}_movn", 470, y + 2, 60, pv=f"{m}:MOVN", lock=False)]
         y += 40
     return ws
 

@@ -365,3 +365,14 @@ def test_every_screen_pv_is_served_by_the_live_iocs(net, lock_ioc, beamline):
                 assert "Access:           read, write" in info, (name, info)
         else:
             assert re.search(r"Native data type: DBF_(ENUM|DOUBLE|LONG|STRING)", info), name
+
+
+def test_docs_say_that_make_screens_rewrites_the_tracked_screenshots():
+    """`make screens` overwrites the committed PNGs in docs/screens/ (intended: they are
+    the README's pictures); the README and docs/screens.md say so."""
+    assert "tests/screens_env.py shoot docs/screens" in (REPO / "Makefile").read_text()
+    assert sorted(p.name for p in (REPO / "docs" / "screens").glob("pydm-*.png"))
+    for doc in ("README.md", "docs/screens.md"):
+        text = " ".join((REPO / doc).read_text(encoding="utf-8").split())
+        assert "`make screens`" in text and "in place, on purpose" in text, doc
+        assert "git checkout docs/screens" in text, doc
