@@ -6,11 +6,12 @@ identities act through ``caput`` as real OS users.
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 
 
-from epics_env import ME, HOST, TEST_CONFIG, identity
+from epics_env import HOST, ME, REPO, TEST_CONFIG, identity
 
 MYSELF = f"{ME}@{HOST}"
 ALICE = identity("alice")
@@ -226,3 +227,20 @@ def test_status_does_not_show_another_users_refusal_as_yours(net, lock):
     assert "refused" not in r.stdout and "message:" not in r.stdout, r.stdout
     last = r.stdout.splitlines()[-1]
     assert last.startswith("last event: ") and f" acquired {ALICE} session=align " in last
+
+
+def test_history_is_read_with_lockctl_as_the_readme_says(net, lock):
+    """caget -S prints $(P)History on one line with literal \\n; lockctl history prints one
+    event per line. The README's walk-through reads it with lockctl and says which form is
+    for scripts."""
+    assert net.caput(lock.pv("Acquire"), "one", user="alice").returncode == 0
+    assert net.caput(lock.pv("Release"), "one", user="alice").returncode == 0
+    raw = net.caget(lock.pv("History"))
+    assert len(raw.splitlines()) == 1 and "\\n" in raw
+    lines = lockctl(net, lock, "history").stdout.splitlines()
+    assert len(lines) == 2 and "acquired" in lines[0] and "released" in lines[1], lines
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    walk = readme.split("## A walk-through", 1)[1].split("\n## ", 1)[0]
+    assert "lockctl history " in walk and "the form for scripts" in walk
+    assert not re.search(r"^caget -S BL:LOCK:History", walk, re.MULTILINE), \
+        "the walk-through reads History with caget -S (one line of \\n escapes)"
