@@ -198,6 +198,7 @@ def test_two_users_race_fifty_times_exactly_one_winner(net, lock_ioc):
     ('{"session": "s", "lease": "long"}', "lease must be a number"),
     ('{"session": "s", "lease": -3}', "positive"),
     ('{"session": "s", "lease": 1e300}', "over the maximum"),
+    ('{"session": "s", "lease": 1' + "0" * 399 + "}", "lease of 400 digits is over the maximum"),
     ("\xff\xfe", "not valid UTF-8"),
     ("x" * 3000, "Invalid element count"),  # over 2048 bytes: libca refuses it itself
 ])
