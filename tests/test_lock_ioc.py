@@ -433,3 +433,11 @@ def test_enum_and_number_puts_to_command_pvs_are_refused_with_reason(net, lock_i
     assert net.caget(lock_ioc.pv("State")) == "Free"
     assert alarms(net, lock_ioc, "Acquire") == {"Acquire": ""}
     assert "Traceback" not in lock_ioc.log()
+
+
+def test_starts_without_a_memory_warning(net, lock_ioc):
+    """caproto warned at every start that History's subscription backlog could take up
+    considerable memory (1000 updates of 16 kB per monitor); the lock's own per-client
+    queue leaves caproto a backlog of one."""
+    assert net.caget(lock_ioc.pv("State")) == "Free"
+    assert "considerable memory" not in lock_ioc.log(), lock_ioc.log()
