@@ -96,9 +96,6 @@ class PendingUpdates:
         items, self._items, self._bytes, self._limit = self._items, [], 0, self._base
         return items
 
-    def __len__(self) -> int:
-        return len(self._items)
-
 
 class LockCircuit(_AsyncioCircuit):
     """A client's circuit: exposes the request being handled (see :data:`REQUEST`) and
