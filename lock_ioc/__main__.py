@@ -1,10 +1,10 @@
 """``lock-ioc`` / ``python -m lock_ioc``: run the lock IOC.
 
 caproto's standard IOC flags (``--prefix``, ``--list-pvs``, ``--interfaces``, ``-v``,
-``-q``) plus ``--config FILE``. The prefix comes from ``--prefix``, else the config;
-device IOCs' ACF must read the gates under the same prefix (``lockctl acf`` takes the
-same ``--config`` and ``--prefix``), and a ``--prefix`` other than the config's is
-logged as a warning that says so.
+``-q``) plus ``--config FILE`` and ``--client-stall-timeout SECONDS``. The prefix comes
+from ``--prefix``, else the config; device IOCs' ACF must read the gates under the same
+prefix (``lockctl acf`` takes the same ``--config`` and ``--prefix``), and a ``--prefix``
+other than the config's is logged as a warning that says so.
 """
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ import sys
 
 from caproto.server import template_arg_parser
 
+from .ca_server import STALL_TIMEOUT
 from .config import ConfigError, load
 from .ioc import build_ioc, serve
 from .store import StoreError
@@ -54,6 +55,10 @@ def main(argv: list[str] | None = None) -> int:
                                              argv=argv, supported_async_libs=["asyncio"])
     parser.add_argument("--config", metavar="FILE",
                         help="YAML config (default: the embedded default, prefix BL:LOCK:)")
+    parser.add_argument("--client-stall-timeout", metavar="SECONDS", type=_seconds,
+                        default=STALL_TIMEOUT,
+                        help="drop a CA client whose connection has taken no data for this "
+                             f"long while updates wait for it (default {STALL_TIMEOUT:g})")
     args = parser.parse_args(argv)
     ioc_options, run_options = split_args(args)
     _setup_logging(quiet=args.quiet)
@@ -71,8 +76,19 @@ def main(argv: list[str] | None = None) -> int:
              config.state, ", ".join(config.group_names))
     if ioc.prefix != config.prefix:
         log.warning("%s", prefix_warning(ioc.prefix, config.prefix, known.config))
-    serve(ioc, interfaces=run_options["interfaces"], log_pv_names=run_options["log_pv_names"])
+    serve(ioc, interfaces=run_options["interfaces"], log_pv_names=run_options["log_pv_names"],
+          stall_timeout=args.client_stall_timeout)
     return 0
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 1.0 <= value <= 86400.0:
+        raise argparse.ArgumentTypeError(f"expected seconds from 1 to 86400, got {text!r}")
+    return value
 
 
 def main_exit() -> None:

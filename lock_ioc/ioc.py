@@ -3,7 +3,11 @@
 Each command put runs under one asyncio lock: the machine decides, the store commits
 (fsync), and only then are the PVs updated and the put completed. A refused put
 raises :class:`LockRefused`, which caproto returns to the client as the put's error
-(``caput -c -S`` shows it) and which is also written to ``$(P)Message``.
+(``caput -c -S`` shows it) and which is also written to ``$(P)Message``. A refusal
+changes no PV but Message and raises no alarm; state PVs are written only when their
+value or alarm changes. When the store cannot be written a command is refused with that
+reason, and a lease that ends meanwhile is shown as not durable (INVALID alarm, every
+gate closed) until the store takes it. The CA server itself is in :mod:`.ca_server`.
 """
 from __future__ import annotations
 
@@ -11,46 +15,47 @@ import asyncio
 import contextvars
 import logging
 import math
-import os
-import socket
 import time
 from collections import deque
-from typing import Any, Callable
+from typing import Any, Callable, NoReturn
 
 import caproto as ca
-from caproto import ChannelType
-from caproto.asyncio.server import Context as _AsyncioContext
-from caproto.asyncio.server import VirtualCircuit as _AsyncioCircuit
+from caproto import AlarmSeverity, AlarmStatus, ChannelType
 from caproto.server import PVGroup, pvproperty
 from caproto.server.server import PvpropertyByte
 
 from . import contract
+from .ca_server import REQUEST, STALL_TIMEOUT, LockServerContext
 from .config import Config
 from .machine import HELD, LockMachine, LockState, Outcome
 from .requests import Refused
-from .store import Store
+from .store import Store, StoreWriteError
 
 log = logging.getLogger("lock_ioc")
 
 #: CA identity ("user@host") of the client whose put is being processed.
 CALLER: contextvars.ContextVar[str] = contextvars.ContextVar("caller", default="")
 
-#: (server circuit, CA request) being processed; tasks caproto spawns inherit it.
-REQUEST: contextvars.ContextVar[tuple | None] = contextvars.ContextVar("request", default=None)
-
 TICK = 0.2  # s: expiry is noticed within this (the issue allows 0.5 s)
+STORE_RETRY = 1.0  # s: how often an expiry the store could not record is tried again
+
+#: Alarm of the state PVs: none, or "the shown state is not durable" (store failing).
+NO_ALARM = (AlarmStatus.NO_ALARM, AlarmSeverity.NO_ALARM)
+NOT_DURABLE = (AlarmStatus.WRITE, AlarmSeverity.INVALID_ALARM)
 
 
 class LockRefused(Exception):
-    """Raised from a putter so that caproto fails the CA put with this text."""
+    """Raised from a command PV's write so that caproto fails the CA put with this text."""
 
 
 class CommandChannel(PvpropertyByte):
-    """Raw bytes for command PVs, recording the writer's CA identity.
+    """A command PV: a write runs the command; its value is the last accepted text.
 
-    caproto hands the client's user and host to ``auth_write`` only; the putter
-    reads them from :data:`CALLER`. Bytes (not str) so that invalid UTF-8 reaches
-    the request parser and is refused with a clear message.
+    caproto hands the client's user and host to ``auth_write`` only; the command reads
+    them from :data:`CALLER`. The text reaches the request parser as bytes, so invalid
+    UTF-8 is refused with a clear message. The command runs outside caproto's
+    ``ChannelData.write``, whose failure path would raise an alarm on the PV: a refusal
+    is the lock working, not an alarm.
     """
 
     async def auth_write(self, hostname, username, data, data_type, metadata, **kwargs):
@@ -63,6 +68,34 @@ class CommandChannel(PvpropertyByte):
             raise
         finally:
             CALLER.reset(token)
+
+    async def write_from_dbr(self, data, data_type, metadata, *, flags=0):
+        name = self.pvspec.name
+        try:
+            raw = command_bytes(name, self.pvname, data, data_type)
+        except Refused as exc:
+            await self.group.refuse(name, exc.message)
+        await self.group.command(name, raw)
+        await self.write(raw, verify_value=False, flags=flags)
+
+
+def command_bytes(name: str, pvname: str, data, data_type) -> bytes:
+    """The text of a put to a command PV, from the CA types people send.
+
+    ``caput -S`` sends DBR_CHAR (the long-string convention); plain ``caput`` sends one
+    DBR_STRING (up to 39 characters): a session name, accepted as it is. Numbers and
+    enums are not text.
+    """
+    native = ca.native_type(data_type)
+    if native == ChannelType.CHAR:
+        return bytes(data)
+    if native == ChannelType.STRING and len(data) == 1:
+        value = data[0]
+        return value if isinstance(value, bytes) else str(value).encode("utf-8")
+    what = f"{len(data)} strings" if native == ChannelType.STRING else \
+        f"a {ChannelType(data_type).name} value"
+    raise Refused(f"{name}: refused: a command is text, got {what}; write it as a long "
+                  f"string: caput -c -S {pvname} 'text'")
 
 
 async def _tell_put_callback_client(message: str) -> None:
@@ -90,30 +123,6 @@ async def _tell_put_callback_client(message: str) -> None:
         log.warning("could not send refusal text", exc_info=True)
 
 
-class LockCircuit(_AsyncioCircuit):
-    """Server circuit that exposes the request being handled (see REQUEST)."""
-
-    async def _process_command(self, command):
-        token = REQUEST.set((self, command))
-        try:
-            return await super()._process_command(command)
-        finally:
-            REQUEST.reset(token)
-
-
-class LockServerContext(_AsyncioContext):
-    CircuitClass = LockCircuit
-
-    async def tcp_handler(self, client, addr):
-        # Like EPICS base's RSRV: no Nagle. A command's reply and its burst of monitor
-        # updates are separate small writes; with Nagle on, the updates wait for the
-        # client's delayed ACK (~40 ms) whenever a previous segment is unacknowledged.
-        sock = client.writer.get_extra_info("socket")
-        if sock is not None:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        return await super().tcp_handler(client, addr)
-
-
 class _TidyLogs(logging.Filter):
     """No tracebacks in the IOC log for expected conditions.
 
@@ -136,24 +145,33 @@ class _TidyLogs(logging.Filter):
 
 
 class LockIOCBase(PVGroup):
-    """Behaviour of the lock IOC; :func:`build_ioc` adds the PVs from the contract."""
+    """Behaviour of the lock IOC; :func:`build_ioc` adds the PVs from the contract.
+
+    ``lock_state`` is what the store holds. ``undurable`` is an expiry that has happened
+    but that the store could not record yet (disk full): the PVs then show it with an
+    INVALID alarm and every gate closed, and the clock retries it.
+    """
 
     def __init__(self, *args, config: Config, store: Store, state: LockState,
-                 clock: Callable[[], float] = time.time, **kwargs):
+                 clock: Callable[[], float] = time.time, undurable: Outcome | None = None,
+                 published: dict[str, Any] | None = None, **kwargs):
         self.config = config
         self.store = store
         self.machine = LockMachine(config)
         self.lock_state = state
+        self.undurable = undurable
+        self.store_error = ""
         self.clock = clock
         self.event_lines = History(store.recent(config.history), config.history)
-        self._published: dict[str, Any] = {}
+        self._published: dict[str, tuple[Any, tuple]] = dict(published or {})
+        self._retry_at = 0.0
         self._cmd_lock: asyncio.Lock | None = None
         super().__init__(*args, **kwargs)
 
     # ---- values ---------------------------------------------------------------
     def values(self, now: float) -> dict[str, Any]:
         """Every state PV's value (by contract suffix) for the current lock state."""
-        s = self.lock_state
+        s = self.undurable.state if self.undurable is not None else self.lock_state
         held = s.mode == HELD
         vals: dict[str, Any] = {
             "State": s.mode,
@@ -167,26 +185,47 @@ class LockIOCBase(PVGroup):
             "History": self.event_lines.text,
         }
         for group, gate in self.machine.gates(s).items():
-            vals[contract.gate_suffix(group)] = gate
+            # Fail closed while the shown state is not durable.
+            vals[contract.gate_suffix(group)] = gate if self.undurable is None else 0
         return vals
 
     def channel(self, suffix: str):
         return self.pvdb[self.prefix + suffix]
 
     async def publish(self, now: float) -> None:
-        """Write the PVs whose values changed (monitors fire once per change)."""
+        """Write the PVs whose value or alarm changed (monitors fire once per change)."""
+        alarm = NO_ALARM if self.undurable is None else NOT_DURABLE
         for suffix, value in self.values(now).items():
-            if self._published.get(suffix) != value:
-                self._published[suffix] = value
-                await self.channel(suffix).write(value, verify_value=False)
+            seen = self._published.get(suffix)
+            if seen == (value, alarm):
+                continue
+            self._published[suffix] = (value, alarm)
+            status = {} if seen is not None and seen[1] == alarm else \
+                dict(status=alarm[0], severity=alarm[1])
+            await self.channel(suffix).write(value, verify_value=False, **status)
 
     async def set_message(self, text: str) -> None:
+        """The outcome of each command (one update per command, as a record's MPST
+        "Always": a client confirms its command by the Message update it caused)."""
         await self.channel("Message").write(clip(text, "Message"), verify_value=False)
 
     async def apply(self, out: Outcome) -> None:
-        """Make an outcome durable, then visible. Caller holds the command lock."""
-        self.store.commit(out.state, out.events)
+        """Make an outcome durable, then visible. Caller holds the command lock.
+
+        Raises :class:`StoreWriteError` (nothing changed) when the store cannot be written.
+        """
+        try:
+            self.store.commit(out.state, out.events)
+        except StoreWriteError as exc:
+            if not self.store_error:
+                log.warning("the lock's store cannot be written: %s", exc)
+            self.store_error = str(exc)
+            raise
+        if self.store_error:
+            log.warning("the lock's store can be written again")
+            self.store_error = ""
         self.lock_state = out.state
+        self.undurable = None
         self.event_lines.extend(out.events)
         for event in out.events:
             log.info("%s", event.line())
@@ -194,47 +233,88 @@ class LockIOCBase(PVGroup):
         if out.message:
             await self.set_message(out.message)
 
-    # ---- commands -------------------------------------------------------------
-    async def command(self, name: str, raw: Any) -> Any:
-        caller = CALLER.get() or "unknown@unknown"
+    async def settle(self, expiry: Outcome) -> None:
+        """Record an expiry; if the store cannot be written, show it as not durable
+        (INVALID, gates closed) and let the clock retry it."""
+        try:
+            await self.apply(expiry)
+        except StoreWriteError as exc:
+            first = self.undurable is None
+            self.undurable = expiry
+            self._retry_at = self.clock() + STORE_RETRY
+            if first:
+                await self.publish(self.clock())
+                await self.set_message(f"{expiry.message}, but the lock's store cannot be "
+                                       f"written ({exc}): every gate is closed until it can")
+
+    def lock(self) -> asyncio.Lock:
         if self._cmd_lock is None:
             self._cmd_lock = asyncio.Lock()
-        async with self._cmd_lock:
+        return self._cmd_lock
+
+    # ---- commands -------------------------------------------------------------
+    async def command(self, name: str, raw: bytes) -> None:
+        """Run a command put; raises :class:`LockRefused` with the reason if refused."""
+        caller = CALLER.get() or "unknown@unknown"
+        async with self.lock():
             try:
-                out = self.machine.command(name, self.lock_state, caller,
-                                           bytes(raw), self.clock())
+                out = self.machine.command(name, self.lock_state, caller, raw, self.clock())
             except Refused as exc:
-                pending = getattr(exc, "pending", None)
-                if pending is not None:
-                    await self.apply(pending)
-                await self.set_message(exc.message)
-                log.info("refused %s from %s: %s", name, caller, exc.message)
-                raise LockRefused(exc.message) from None
-            await self.apply(out)
-        return raw
+                if getattr(exc, "pending", None) is not None:
+                    # An expiry found on the way is real: record it as the clock would.
+                    expiry = self.machine.expire(self.lock_state, self.clock())
+                    if expiry is not None:
+                        await self.settle(expiry)
+                await self.refuse(name, exc.message)
+            except Exception as exc:  # a bug; the machine is pure, so nothing changed
+                log.exception("%s from %s failed", name, caller)
+                await self.refuse(name, f"{name}: refused: internal error "
+                                  f"({type(exc).__name__}: {exc}); nothing changed")
+            try:
+                await self.apply(out)
+            except StoreWriteError as exc:
+                await self.refuse(name, f"{name}: refused: the lock's store cannot be "
+                                  f"written ({exc}); nothing changed")
+
+    async def refuse(self, name: str, message: str) -> NoReturn:
+        """Refuse a command put: the reason goes to Message and to the client."""
+        await self.set_message(message)
+        log.info("refused %s from %s: %s", name, CALLER.get() or "unknown@unknown", message)
+        raise LockRefused(message)
 
     # ---- time -----------------------------------------------------------------
     async def run_clock(self) -> None:
-        """Expire leases within TICK of their end; tick Remaining and Heartbeat."""
-        if self._cmd_lock is None:
-            self._cmd_lock = asyncio.Lock()
+        """Expire leases within TICK of their end; tick Remaining and Heartbeat.
+
+        Nothing that goes wrong here may end the IOC: it is logged, and the clock goes on.
+        """
         heartbeat = self.channel("Heartbeat")
         next_beat = self.clock() + 1.0
         while True:
-            now = self.clock()
-            if self.lock_state.mode == HELD and now >= self.lock_state.expiry:
-                async with self._cmd_lock:
-                    out = self.machine.expire(self.lock_state, self.clock())
-                    if out is not None:
-                        await self.apply(out)
-            await self.publish(now)
-            if now >= next_beat:
-                next_beat = max(next_beat + 1.0, now + 0.5)
-                await heartbeat.write(heartbeat.value + 1, verify_value=False)
-            wait = min(TICK, max(0.0, next_beat - self.clock()))
-            if self.lock_state.mode == HELD:
-                wait = min(wait, max(0.0, self.lock_state.expiry - self.clock()))
-            await asyncio.sleep(wait + 0.001)
+            try:
+                next_beat = await self._tick(heartbeat, next_beat)
+            except Exception:
+                log.exception("lock clock")
+                await asyncio.sleep(TICK)
+
+    async def _tick(self, heartbeat, next_beat: float) -> float:
+        now = self.clock()
+        if self.lock_state.mode == HELD and now >= self.lock_state.expiry \
+                and now >= self._retry_at:
+            async with self.lock():
+                out = self.undurable or self.machine.expire(self.lock_state, self.clock())
+                if out is not None:
+                    await self.settle(out)
+        await self.publish(now)
+        if now >= next_beat:
+            next_beat = max(next_beat + 1.0, now + 0.5)
+            await heartbeat.write(heartbeat.value + 1, verify_value=False)
+        wait = min(TICK, max(0.0, next_beat - self.clock()))
+        if self.lock_state.mode == HELD:
+            until = self._retry_at if self.undurable is not None else self.lock_state.expiry
+            wait = min(wait, max(0.0, until - self.clock()))
+        await asyncio.sleep(wait + 0.001)
+        return next_beat
 
 
 def clip(text: str, suffix: str) -> str:
@@ -264,11 +344,20 @@ class History:
         self.text = "\n".join(lines)
 
 
+#: Per-subscription backlog caproto keeps (the last updates, for its own queue). The
+#: lock's per-client queue (ca_server.PendingUpdates) does the queueing, so caproto need
+#: keep only the last; its default (1000, reduced with a warning to 937 for the 16 kB
+#: History) would hold up to 15 MB per History monitor.
+BACKLOG = 1
+
+
 def _pvproperty(spec: contract.PVSpec, value: Any, putter=None) -> pvproperty:
-    common = dict(name=spec.suffix, doc=spec.doc)
+    # Each PV its own alarm (caproto's default is one alarm shared by the whole group).
+    common = dict(name=spec.suffix, doc=spec.doc, alarm_group=spec.suffix,
+                  max_subscription_backlog=BACKLOG)
     if spec.kind == "text" and spec.command:
-        return pvproperty(put=putter, value=b"", dtype=CommandChannel,
-                          max_length=spec.max_length, **common)
+        return pvproperty(value=b"", dtype=CommandChannel, max_length=spec.max_length,
+                          **common)
     if spec.kind == "text":
         return pvproperty(value=value, dtype=ChannelType.CHAR, max_length=spec.max_length,
                           string_encoding="utf-8", read_only=True, **common)
@@ -282,13 +371,6 @@ def _pvproperty(spec: contract.PVSpec, value: Any, putter=None) -> pvproperty:
         return pvproperty(value=float(value), dtype=float, read_only=True, precision=1,
                           units=spec.units, **common)
     raise ValueError(f"unknown PV kind {spec.kind!r}")
-
-
-def _command_putter(name: str):
-    async def putter(group, instance, value):
-        return await group.command(name, value)
-    putter.__name__ = f"put_{name.lower()}"
-    return putter
 
 
 async def _ping(group, instance, value):
@@ -313,51 +395,52 @@ def build_ioc(config: Config, *, prefix: str | None = None,
     machine = LockMachine(config)
     state = store.load() or LockState()
     expired = machine.expire(state, clock())
+    undurable = None
     if expired is not None:
-        store.commit(expired.state, expired.events)
-        state = expired.state
-        log.info("lease ran out while the IOC was down: %s", expired.message)
+        try:
+            store.commit(expired.state, expired.events)
+            state = expired.state
+            log.info("lease ran out while the IOC was down: %s", expired.message)
+        except StoreWriteError as exc:
+            undurable = expired  # shown as not durable and retried, as at run time
+            log.warning("lease ran out while the IOC was down, but the lock's store cannot "
+                        "be written (%s): every gate is closed until it can", exc)
 
     holder = LockIOCBase.__new__(LockIOCBase)  # only to compute initial values
-    holder.lock_state, holder.machine = state, machine
+    holder.lock_state, holder.machine, holder.undurable = state, machine, None
     holder.event_lines = History(store.recent(config.history), config.history)
     initial = LockIOCBase.values(holder, clock())
+    published = {suffix: (value, NO_ALARM) for suffix, value in initial.items()}
     initial.update(Message=expired.message if expired else "", Heartbeat=0,
                    LeaseDefault=config.lease_default, LeaseMax=config.lease_max, Ping=0)
 
     namespace: dict[str, Any] = {}
     for spec in contract.PVS:
-        putter = None
-        if spec.command:
-            putter = _ping if spec.suffix == "Ping" else _command_putter(spec.suffix)
+        putter = _ping if spec.suffix == "Ping" else None
         namespace[spec.attr] = _pvproperty(spec, initial.get(spec.suffix, ""), putter)
     heartbeat = contract.BY_SUFFIX["Heartbeat"]
     namespace[heartbeat.attr] = _pvproperty(heartbeat, 0)
     namespace[heartbeat.attr].startup(_start_clock)
     for group in config.group_names:
-        spec = contract.GATE
+        suffix = contract.gate_suffix(group)
         namespace["pv_gate_" + group] = pvproperty(
-            name=contract.gate_suffix(group), value=initial[contract.gate_suffix(group)],
-            dtype=int, read_only=True, doc=spec.doc.replace("<group>", group))
+            name=suffix, value=initial[suffix], dtype=int, read_only=True,
+            alarm_group=suffix, max_subscription_backlog=BACKLOG,
+            doc=contract.GATE.doc.replace("<group>", group))
     cls = type(LockIOCBase)("LockIOC", (LockIOCBase,), namespace)
     return cls(prefix=prefix if prefix is not None else config.prefix, config=config,
-               store=store, state=state, clock=clock)
+               store=store, state=state, clock=clock, undurable=undurable,
+               published=published)
 
 
 def serve(ioc: LockIOCBase, *, interfaces: list[str] | None = None,
-          log_pv_names: bool = False) -> None:
-    """caproto's asyncio ``run``, with the lock's circuit class; stops on SIGINT/SIGTERM."""
+          log_pv_names: bool = False, stall_timeout: float = STALL_TIMEOUT) -> None:
+    """caproto's asyncio ``run`` with the lock's server context (per-client queues, a
+    stuck client dropped after ``stall_timeout`` s); stops on SIGINT/SIGTERM."""
     import signal
 
-    import caproto.server.common as cas
-    if "CAPROTO_SERVER_HIGH_LOAD_TIMEOUT_SEC" not in os.environ:
-        # The lock is a low-rate server whose clients wait on its updates: send each
-        # update at once. caproto's default (batch for up to 10 ms) holds the tail of
-        # a command's burst of ~10 updates back from every client.
-        cas.HIGH_LOAD_TIMEOUT = 0.0
-
     async def main() -> None:
-        ctx = LockServerContext(ioc.pvdb, interfaces)
+        ctx = LockServerContext(ioc.pvdb, interfaces, stall_timeout=stall_timeout)
         task = asyncio.current_task()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):

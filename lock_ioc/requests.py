@@ -74,13 +74,18 @@ def _session(value: object, command: str) -> str:
 def _lease(value: object, command: str, lease_max: float) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise Refused(f"{command}: lease must be a number of seconds, got {json.dumps(value)}")
-    if not math.isfinite(value) or value <= 0:
+    try:
+        seconds = float(value)  # a JSON integer may have any number of digits
+    except OverflowError:
+        raise Refused(f"{command}: lease of {len(str(abs(value)))} digits is over the maximum "
+                      f"of {lease_max:g} s") from None
+    if not math.isfinite(seconds) or seconds <= 0:
         raise Refused(f"{command}: lease must be a positive number of seconds, got {value!r}")
-    if value > lease_max:
-        raise Refused(f"{command}: lease {value:g} s is over the maximum of {lease_max:g} s")
-    if value < 0.5:
-        raise Refused(f"{command}: lease {value:g} s is too short (at least 0.5 s)")
-    return float(value)
+    if seconds > lease_max:
+        raise Refused(f"{command}: lease {seconds:g} s is over the maximum of {lease_max:g} s")
+    if seconds < 0.5:
+        raise Refused(f"{command}: lease {seconds:g} s is too short (at least 0.5 s)")
+    return seconds
 
 
 def _note(value: object, command: str) -> str:

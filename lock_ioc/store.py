@@ -35,6 +35,10 @@ class StoreError(RuntimeError):
     """The state file cannot be opened or read; the IOC must not start."""
 
 
+class StoreWriteError(RuntimeError):
+    """A commit failed (disk full, I/O error); nothing was written. The IOC keeps serving."""
+
+
 class Store:
     def __init__(self, path: Path):
         self.path = Path(path)
@@ -67,20 +71,35 @@ class Store:
         return [Event(*row) for row in reversed(rows)]
 
     def commit(self, state: LockState, events: Iterable[Event]) -> None:
-        """Write the new state and its events atomically and durably."""
-        with_events = list(events)
-        self.db.execute("BEGIN IMMEDIATE")
+        """Write the new state and its events atomically and durably.
+
+        Raises :class:`StoreWriteError` if that is not possible; then nothing is written.
+        (SQLite may already have rolled the transaction back itself, e.g. after a COMMIT
+        that found the disk full: a second ROLLBACK would fail and hide the cause.)
+        """
+        rows = [(e.time, e.kind, e.who, e.session, e.token, e.detail) for e in events]
         try:
-            self.db.execute("INSERT OR REPLACE INTO lock_state (id, state) VALUES (1, ?)",
-                            (json.dumps(state.to_dict()),))
-            self.db.executemany(
-                "INSERT INTO events (time, kind, who, session, token, detail) "
-                "VALUES (?, ?, ?, ?, ?, ?)",
-                [(e.time, e.kind, e.who, e.session, e.token, e.detail) for e in with_events])
-            self.db.execute("COMMIT")
-        except BaseException:
-            self.db.execute("ROLLBACK")
-            raise
+            self._rollback()  # a transaction left open by an earlier failure
+            self.db.execute("BEGIN IMMEDIATE")
+            try:
+                self.db.execute("INSERT OR REPLACE INTO lock_state (id, state) VALUES (1, ?)",
+                                (json.dumps(state.to_dict()),))
+                self.db.executemany(
+                    "INSERT INTO events (time, kind, who, session, token, detail) "
+                    "VALUES (?, ?, ?, ?, ?, ?)", rows)
+                self.db.execute("COMMIT")
+            except BaseException:
+                self._rollback()
+                raise
+        except (sqlite3.Error, OSError) as exc:
+            raise StoreWriteError(f"{self.path}: {exc}") from None
+
+    def _rollback(self) -> None:
+        if self.db.in_transaction:
+            try:
+                self.db.execute("ROLLBACK")
+            except sqlite3.Error:
+                pass  # SQLite ended it on its own; the next BEGIN tells if it is usable
 
     def close(self) -> None:
         self.db.close()

@@ -8,6 +8,7 @@ import time
 
 import pytest
 
+from ca_clients import Camonitor, drive
 from epics_env import REPO, LockIOC, identity, tool, wait_until
 
 ALICE, BOB = identity("alice"), identity("bob")
@@ -211,6 +212,7 @@ def test_two_users_race_fifty_times_exactly_one_winner(net, lock_ioc):
     ('{"session": "s", "lease": "long"}', "lease must be a number"),
     ('{"session": "s", "lease": -3}', "positive"),
     ('{"session": "s", "lease": 1e300}', "over the maximum"),
+    ('{"session": "s", "lease": 1' + "0" * 399 + "}", "lease of 400 digits is over the maximum"),
     ("\xff\xfe", "not valid UTF-8"),
     ("x" * 3000, "Invalid element count"),  # over 2048 bytes: libca refuses it itself
 ])
@@ -377,3 +379,81 @@ print("message", epics.caget({lock_ioc.pv('Message')!r}, as_string=True))
     assert "owner alice@" in r.stdout
     assert "message Acquire: refused: root@" in r.stdout and "is in no access group" in r.stdout
     assert "Traceback" not in lock_ioc.log()
+
+
+def alarms(net, ioc, *suffixes: str) -> dict[str, str]:
+    """``caget -a``: each PV's alarm as "STAT SEVR" ("" for none)."""
+    out = net.run("caget", "-a", "-S", *[ioc.pv(s) for s in suffixes], check=True).stdout
+    found = {}
+    for line, suffix in zip(out.splitlines(), suffixes):
+        words = line.split()
+        found[suffix] = " ".join(words[-2:]) if words[-1] in (
+            "MINOR", "MAJOR", "INVALID") else ""
+    return found
+
+
+def test_refusals_raise_no_alarm_and_resend_no_state(net, lock, tmp_path):
+    """3000 refused puts: no alarm anywhere, no state PV sent again; Message only."""
+    watched = ("State", "Token", "Owner", "Gate:queue", "History")
+    mon = Camonitor(net, [lock.pv(p) for p in watched], tmp_path / "mon.out", "-S")
+    try:
+        wait_until(lambda: all(mon.lines(lock.pv(p)) for p in watched), 15, what="monitors")
+        drive(net, lock.prefix, cycles=0, refusals=3000)
+        r = net.caput(lock.pv("Release"), "nobody", user="alice")
+        assert r.returncode != 0 and "not held" in r.stderr
+        everything = ("State", "Owner", "Token", "Expiry", "Remaining", "History",
+                      "Gate:queue", "Gate:staff", "Gate:operator", "Message", "Release",
+                      "Acquire", "Heartbeat")
+        assert alarms(net, lock, *everything) == {s: "" for s in everything}
+        # A real change after them: the monitor gets it, and nothing before it.
+        assert net.caput(lock.pv("Acquire"), "align", user="alice").returncode == 0
+        wait_until(lambda: len(mon.lines(lock.pv("Owner"))) == 2, 15, what="the grant")
+        assert {p: len(mon.lines(lock.pv(p))) for p in watched} == {p: 2 for p in watched}
+    finally:
+        mon.stop()
+
+
+def test_plain_caput_of_a_session_name_acquires(net, lock_ioc):
+    """``caput -c PV align`` (one DBR_STRING, no -S) is what people type first."""
+    r = net.run("caput", "-c", "-w", "5", lock_ioc.pv("Acquire"), "align", user="alice")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert (net.caget(lock_ioc.pv("Owner")), net.caget(lock_ioc.pv("Session"))) == (
+        ALICE, "align")
+    r = net.run("caput", "-c", "-w", "5", lock_ioc.pv("Release"), "align", user="alice")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert net.caget(lock_ioc.pv("State")) == "Free"
+    r = net.run("caput", "-c", "-w", "5", lock_ioc.pv("Acquire"), "bad name", user="alice")
+    assert r.returncode != 0 and "invalid session name 'bad name'" in r.stderr
+
+
+def test_enum_and_number_puts_to_command_pvs_are_refused_with_reason(net, lock_ioc,
+                                                                      monkeypatch):
+    for k, v in net.client_env().items():
+        monkeypatch.setenv(k, v)
+    from caproto import ChannelType
+    from caproto.threading.client import Context
+    ctx = Context(client_name="alice")
+    try:
+        acquire, ping = ctx.get_pvs(lock_ioc.pv("Acquire"), lock_ioc.pv("Ping"), timeout=10)
+        for data_type, value in ((ChannelType.ENUM, 1), (ChannelType.LONG, 7),
+                                 (ChannelType.DOUBLE, 2.5)):
+            # caproto's client ignores error replies: read on the same circuit to wait.
+            acquire.write([value], data_type=data_type, wait=False)
+            ping.read(timeout=5)
+            message = net.caget(lock_ioc.pv("Message"))
+            assert message.startswith("Acquire: refused: a command is text, got a "
+                                      f"{data_type.name} value"), message
+            assert f"caput -c -S {lock_ioc.pv('Acquire')}" in message
+    finally:
+        ctx.disconnect()
+    assert net.caget(lock_ioc.pv("State")) == "Free"
+    assert alarms(net, lock_ioc, "Acquire") == {"Acquire": ""}
+    assert "Traceback" not in lock_ioc.log()
+
+
+def test_starts_without_a_memory_warning(net, lock_ioc):
+    """caproto warned at every start that History's subscription backlog could take up
+    considerable memory (1000 updates of 16 kB per monitor); the lock's own per-client
+    queue leaves caproto a backlog of one."""
+    assert net.caget(lock_ioc.pv("State")) == "Free"
+    assert "considerable memory" not in lock_ioc.log(), lock_ioc.log()
