@@ -20,25 +20,25 @@ import shutil
 import subprocess
 import threading
 import time
-import urllib.request
 from pathlib import Path
 from collections.abc import Callable
 from typing import Any
 
 from websockets.sync.client import ClientConnection, connect
 
-from demo.install import as_user
-from demo.processes import stop_group
+from demo import services
+from demo.services import stop_group
 
-from epics_env import REPO, TEST_CONFIG, CANetwork, free_port, installation
+from epics_env import REPO, TEST_CONFIG, CANetwork, free_port
 
 #: The documented seat configuration; the tests start from it and override ports,
 #: prefixes and the seat's session.
 SEAT_ENV = REPO / "clients" / "websocket" / "seat.env"
+#: Devices 10-devices.py defines; the server is ready when its registry lists them all.
+DEVICES = services.WS_DEVICES
 #: The seat's OS account (.ci/setup-system): its CA identity is ``oaswww@host``.
 SEAT_USER = "oaswww"
-#: Devices 10-devices.py defines; the server is ready when its registry lists them all.
-DEVICES = ("beam", "det", "m1", "m2", "shutter")
+read_env_file = services.read_env_file
 
 
 def web_seat_config(prefix: str, state: Path) -> str:
@@ -49,25 +49,12 @@ def web_seat_config(prefix: str, state: Path) -> str:
             + f"  web:      {{users: [{SEAT_USER}]}}\n")
 
 
-def read_env_file(path: Path) -> dict[str, str]:
-    """``KEY=VALUE`` lines of a shell environment file (comments and blanks skipped)."""
-    env = {}
-    for number, line in enumerate(path.read_text().splitlines(), 1):
-        line = line.strip()
-        if not line or line.startswith("#"):
-            continue
-        key, sep, val = line.partition("=")
-        if not sep or not key.isidentifier():
-            raise ValueError(f"{path}:{number}: expected KEY=VALUE, got {line!r}")
-        env[key] = val
-    return env
-
-
 class OphydWebsocket:
-    """``ophyd-websocket`` on a free port of 127.0.0.1, one lock seat.
+    """``ophyd-websocket`` on a free port of 127.0.0.1, one lock seat
+    (``demo.services.ophyd_websocket``).
 
     ``session``: the seat's ``LOCK_SESSION`` (e.g. ``web:alice``): its gated devices write
-    while the lock is held by this OS user under that session (or while Free, with
+    while the lock is held by the seat's account under that session (or while Free, with
     ``allow_free_writes``). ``env``: further environment, applied last.
     """
 
@@ -76,15 +63,18 @@ class OphydWebsocket:
                  name: str = "ows", env: dict[str, str] | None = None) -> None:
         self.net, self.port = net, free_port()
         self.log_path = workdir / f"{name}.log"
-        self.env = net.client_env()
-        self.env.update(read_env_file(SEAT_ENV))
-        self.env.update(
-            OAS_HOST="127.0.0.1", OAS_PORT=str(self.port),
-            LOCK_PREFIX=lock_prefix, BEAMLINE_PREFIX=beamline_prefix,
-            LOCK_SESSION=session or "", LOCK_ALLOW_FREE_WRITES="1" if allow_free_writes else "0",
-            LOCK_CONNECT_TIMEOUT="10", PYTHONUNBUFFERED="1")
-        self.env.update(env or {})
-        self.proc: subprocess.Popen | None = None
+        settings = dict(LOCK_PREFIX=lock_prefix, BEAMLINE_PREFIX=beamline_prefix,
+                        LOCK_SESSION=session or "",
+                        LOCK_ALLOW_FREE_WRITES="1" if allow_free_writes else "0",
+                        LOCK_CONNECT_TIMEOUT="10", **(env or {}))
+        self.service = services.ophyd_websocket(self.port, net.client_env(), settings,
+                                                user=SEAT_USER, name=name)
+        self.env = self.service.env
+        self.launched: services.Launched | None = None
+
+    @property
+    def proc(self):
+        return self.launched.proc if self.launched else None
 
     @property
     def http(self) -> str:
@@ -100,39 +90,18 @@ class OphydWebsocket:
 
     def start(self, timeout: float = 90) -> OphydWebsocket:
         """Start it and wait until its registry lists the startup directory's devices."""
-        inst = installation()
-        with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(
-                as_user(SEAT_USER, [str(inst.script("ophyd-websocket"))]), env=self.env,
-                cwd=inst.share, stdout=log, stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL, start_new_session=True)
-        deadline = time.monotonic() + timeout
+        self.launched = services.Launched(self.service, self.log_path).start()
         try:
-            while not self._lists_devices():
-                if self.proc.poll() is not None:
-                    raise RuntimeError(f"ophyd-websocket exited at startup; log:\n"
-                                       f"{self.log()[-4000:]}")
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"ophyd-websocket on port {self.port} did not list "
-                                       f"{DEVICES} within {timeout} s; log:\n"
-                                       f"{self.log()[-4000:]}")
-                time.sleep(0.2)
+            self.launched.wait_ready(timeout)
         except BaseException:
             self.stop()
             raise
         return self
 
-    def _lists_devices(self) -> bool:
-        try:
-            with urllib.request.urlopen(f"{self.http}/devices", timeout=2) as answer:
-                listed = json.load(answer).get("devices", [])
-        except (OSError, ValueError):
-            return False
-        return tuple(sorted(listed)) == DEVICES
-
     def stop(self) -> None:
         """TERM the whole process group, KILL what is left of it, reap the leader."""
-        stop_group(self.proc)
+        if self.launched:
+            self.launched.stop()
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
