@@ -66,7 +66,8 @@ class OphydWebsocket:
         settings = dict(LOCK_PREFIX=lock_prefix, BEAMLINE_PREFIX=beamline_prefix,
                         LOCK_SESSION=session or "",
                         LOCK_ALLOW_FREE_WRITES="1" if allow_free_writes else "0",
-                        LOCK_CONNECT_TIMEOUT="10", **(env or {}))
+                        LOCK_CONNECT_TIMEOUT="10")
+        settings.update(env or {})      # applied last
         self.service = services.ophyd_websocket(self.port, net.client_env(), settings,
                                                 user=SEAT_USER, name=name)
         self.env = self.service.env
