@@ -21,6 +21,7 @@ import fcntl
 import hashlib
 import os
 import pwd
+import re
 import shutil
 import subprocess
 import sys
@@ -166,7 +167,7 @@ class Installation:
         for top in SHARED:
             shutil.copytree(REPO / top, tmp / top, ignore=ignore, symlinks=True)
         for unit in (tmp / "deploy").glob("systemd/*.service"):
-            unit.write_text(unit.read_text().replace(DEFAULT_PREFIX + "/", f"{self.prefix}/"))
+            unit.write_text(with_prefix(unit.read_text(), self.prefix))
         _run(["chmod", "-R", "a+rX,go-w", str(tmp)])
         old = self.prefix / ".share.old"
         shutil.rmtree(old, ignore_errors=True)
@@ -174,6 +175,11 @@ class Installation:
             self.share.rename(old)
         tmp.rename(self.share)
         shutil.rmtree(old, ignore_errors=True)
+
+
+def with_prefix(text: str, prefix: Path) -> str:
+    """``text`` (a unit file) with every path of the default prefix moved to ``prefix``."""
+    return re.sub(re.escape(DEFAULT_PREFIX) + r"(?![\w.-])", str(prefix), text)
 
 
 def _run(argv: list[str], cwd: Path | None = None) -> None:

@@ -23,7 +23,8 @@ from pathlib import Path
 import pytest
 
 from demo import services
-from epics_env import CANetwork, free_port, identity, installation, user_dir, wait_until
+from demo.install import with_prefix
+from epics_env import REPO, CANetwork, free_port, identity, installation, user_dir, wait_until
 
 UNITS = ("beamline-lock-ioc", "beamline-ioc", "beamline-ows")
 #: The clean environment systemd starts services with (runuser adds HOME, USER ...).
@@ -40,9 +41,15 @@ def test_units_pass_systemd_analyze_verify():
     r = subprocess.run(["systemd-analyze", "verify", *paths], capture_output=True, text=True)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "not executable" not in r.stderr and "Unknown" not in r.stderr, r.stderr
-    for name in UNITS:
+    for name in UNITS:       # every path is the installation's own (none of the default)
         text = unit_path(name).read_text()
-        assert str(installation().prefix) + "/" in text      # the install's own paths
+        assert text == with_prefix((REPO / "deploy" / "systemd" / f"{name}.service")
+                                   .read_text(), installation().prefix)
+        assert re.findall(r"/opt/beamline-lock[\w.-]*", text) and all(
+            path == str(installation().prefix)
+            for path in re.findall(r"/opt/beamline-lock[\w.-]*", text)), text
+        assert f"BEAMLINE_LOCK_PREFIX={installation().prefix}\n" in text or \
+            "BEAMLINE_LOCK_PREFIX" not in text
     users = {name: _unit(unit_path(name), {})["User"][0] for name in UNITS}
     assert users == {"beamline-lock-ioc": "lockioc", "beamline-ioc": "beamioc",
                      "beamline-ows": "oaswww"}

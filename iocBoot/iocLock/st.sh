@@ -8,5 +8,12 @@
 # The CA port and interfaces follow EPICS_CAS_SERVER_PORT / EPICS_CAS_INTF_ADDR_LIST.
 cd "$(dirname "$0")" || exit 1
 ioc="${LOCK_IOC:-${BEAMLINE_LOCK_PREFIX:-/opt/beamline-lock}/venv/bin/lock-ioc}"
-[ -x "$ioc" ] || ioc=../../.venv/bin/lock-ioc
+if [ ! -x "$ioc" ]; then
+    if [ ! -x ../../.venv/bin/lock-ioc ]; then
+        echo "st.sh: no lock-ioc at $ioc nor in this checkout's .venv (make install;" \
+             "BEAMLINE_LOCK_PREFIX or LOCK_IOC name another)" >&2
+        exit 1
+    fi
+    ioc=../../.venv/bin/lock-ioc
+fi
 exec "$ioc" --config "${LOCK_CONFIG:-lock.yaml}" "$@"
