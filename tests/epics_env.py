@@ -84,12 +84,8 @@ def public_dir() -> Path:
 def user_dir(user: str | None, name: str = "run") -> Path:
     """A new directory only ``user`` (None: this process's user) may use, e.g. for
     ``XDG_RUNTIME_DIR`` or a service's state."""
-    path = Path(tempfile.mkdtemp(prefix=f"{name}-", dir=public_dir()))
-    if user is not None and user != ME:
-        entry = pwd.getpwnam(user)
-        os.chown(path, entry.pw_uid, entry.pw_gid)
-    os.chmod(path, 0o700)
-    return path
+    return services.owned_dir(Path(tempfile.mkdtemp(prefix=f"{name}-", dir=public_dir())),
+                              user)
 
 
 def free_port() -> int:
