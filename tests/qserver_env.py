@@ -3,82 +3,66 @@
 ``Redis`` runs Debian's ``redis-server`` in a temporary directory (no persistence) and
 ``REManager`` runs the unmodified ``start-re-manager`` with the shared startup directory
 (``clients/startup``), the CA environment of the test network and its own ZMQ control
-and info ports. Both run in their own process group and are stopped (TERM, then KILL)
-with every child, so nothing is left behind.
+and info ports. Both are described once in ``demo/services.py`` (as for ``make demo``),
+run in their own process group and are stopped (TERM, then KILL) with every child, so
+nothing is left behind.
 """
 from __future__ import annotations
 
-import os
-import shutil
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 from bluesky_queueserver_api.zmq import REManagerAPI
 
-from demo.processes import stop_group
+from demo import services
+from demo.services import stop_group  # noqa: F401 - the tests' way to stop a process group
 
-from epics_env import REPO, CANetwork, free_port, wait_until
+from epics_env import REPO, CANetwork, free_port
 
 STARTUP_DIR = REPO / "clients" / "startup"
 QSERVER_DIR = REPO / "clients" / "qserver"
 PERMISSIONS = QSERVER_DIR / "user_group_permissions.yaml"
 
 
-def _start(argv: list[str], log: Path, env: dict, cwd: Path | None = None) -> subprocess.Popen:
-    with open(log, "ab") as out:
-        return subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, env=env, cwd=cwd,
-                                start_new_session=True)
-
-
 class Redis:
-    """``redis-server`` on a free port of 127.0.0.1, data in ``workdir`` only."""
+    """``redis-server`` on a free port of 127.0.0.1, data in ``workdir`` only
+    (``demo.services.redis``)."""
 
     def __init__(self, workdir: Path, port: int | None = None):
         self.workdir = workdir
         self.port = port or free_port()
-        self.proc: subprocess.Popen | None = None
+        self.launched: services.Launched | None = None
         self.log_path = workdir / "redis.log"
 
     @property
     def addr(self) -> str:
         return f"127.0.0.1:{self.port}"
 
+    @property
+    def proc(self):
+        return self.launched.proc if self.launched else None
+
     def start(self) -> "Redis":
-        exe = shutil.which("redis-server")
-        if exe is None:
-            raise RuntimeError("redis-server not found: run `make test` (it installs Debian's "
-                               "redis-server through .ci/setup-system)")
         self.workdir.mkdir(parents=True, exist_ok=True)
-        self.proc = _start([exe, "--port", str(self.port), "--bind", "127.0.0.1",
-                            "--dir", str(self.workdir), "--save", "", "--appendonly", "no",
-                            "--daemonize", "no", "--protected-mode", "yes"],
-                           self.log_path, dict(os.environ))
+        self.launched = services.Launched(services.redis(self.port, self.workdir),
+                                          self.log_path).start()
         try:
-            wait_until(self._pong, 20, 0.05, what=f"redis on port {self.port}")
-        except AssertionError:
+            self.launched.wait_ready()
+        except RuntimeError as exc:
             self.stop()
-            raise AssertionError(f"redis did not start; log:\n{self.log()}") from None
+            raise AssertionError(f"redis did not start: {exc}") from None
         return self
 
-    def _pong(self) -> bool:
-        if self.proc.poll() is not None:
-            raise AssertionError(f"redis exited with {self.proc.returncode}:\n{self.log()}")
-        with socket.create_connection(("127.0.0.1", self.port), timeout=1) as sock:
-            sock.sendall(b"PING\r\n")
-            return sock.recv(64).startswith(b"+PONG")
-
     def stop(self) -> None:
-        stop_group(self.proc)
+        if self.launched:
+            self.launched.stop()
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
 
 class REManager:
-    """The unmodified ``start-re-manager`` with the shared startup directory.
+    """The unmodified ``start-re-manager`` with the shared startup directory
+    (``demo.services.re_manager``).
 
     ``env``: extra environment (lock and beamline prefixes, guard settings) on top of
     the CA client environment of ``net``. The list of existing plans and devices is
@@ -94,7 +78,7 @@ class REManager:
         self.control_port, self.info_port = free_port(), free_port()
         while self.info_port == self.control_port:
             self.info_port = free_port()
-        self.proc: subprocess.Popen | None = None
+        self.launched: services.Launched | None = None
         self.log_path = workdir / "re-manager.log"
         self._api: REManagerAPI | None = None
 
@@ -106,17 +90,18 @@ class REManager:
     def info_addr(self) -> str:
         return f"tcp://127.0.0.1:{self.info_port}"
 
+    @property
+    def proc(self):
+        return self.launched.proc if self.launched else None
+
+    def describe(self) -> services.Service:
+        return services.re_manager(
+            self.workdir, self.redis.addr, self.control_port, self.info_port, self.env(),
+            startup_dir=self.startup_dir, permissions=self.permissions,
+            extra_args=("--console-output", "ON"))
+
     def argv(self) -> list[str]:
-        exe = Path(sys.executable).with_name("start-re-manager")
-        return [str(exe),
-                "--startup-dir", str(self.startup_dir),
-                "--existing-plans-devices", str(self.workdir / "existing_plans_and_devices.yaml"),
-                "--user-group-permissions", str(self.permissions),
-                "--redis-addr", self.redis.addr,
-                "--zmq-control-addr", f"tcp://127.0.0.1:{self.control_port}",
-                "--zmq-info-addr", f"tcp://127.0.0.1:{self.info_port}",
-                "--zmq-publish-console", "ON",
-                "--console-output", "ON"]
+        return self.describe().argv
 
     def env(self) -> dict:
         env = self.net.client_env()
@@ -126,21 +111,18 @@ class REManager:
 
     def start(self, open_environment: bool = True) -> "REManager":
         self.workdir.mkdir(parents=True, exist_ok=True)
-        self.proc = _start(self.argv(), self.log_path, self.env(), cwd=self.workdir)
+        self.launched = services.Launched(self.describe(), self.log_path).start()
         try:
-            wait_until(self._answers, 60, 0.2, what="RE Manager to answer on ZMQ")
+            try:
+                self.launched.wait_ready()
+            except RuntimeError as exc:
+                raise AssertionError(str(exc)) from None
             if open_environment:
                 self.open_environment()
         except BaseException:
             self.stop()
             raise
         return self
-
-    def _answers(self) -> bool:
-        if self.proc.poll() is not None:
-            raise AssertionError(f"start-re-manager exited with {self.proc.returncode}; "
-                                 f"log:\n{self.log()[-4000:]}")
-        return self.api.status().get("manager_state") == "idle"
 
     @property
     def api(self) -> REManagerAPI:
@@ -166,7 +148,8 @@ class REManager:
             except Exception:  # noqa: BLE001 - best effort, the group is killed below
                 pass
             self._api = None
-        stop_group(self.proc, timeout=15)
+        if self.launched:
+            self.launched.stop()
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""

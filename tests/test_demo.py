@@ -7,9 +7,22 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
+from types import SimpleNamespace
 
-from epics_env import REPO, free_port, wait_until
+import pytest
+
+from demo import services
+from epics_env import REPO, free_port, user_dir
+
+
+@pytest.fixture
+def workdir() -> Path:
+    """The demo's work dir: its services' accounts must reach it (tmp_path is private)."""
+    path = user_dir(None, "demo")
+    path.chmod(0o711)
+    return path
 
 
 def demo_processes(workdir: Path) -> dict[int, str]:
@@ -56,13 +69,16 @@ class DemoRun:
         return "\n".join(self.lines)
 
     def wait_for(self, needle: str, timeout: float) -> None:
-        def seen():
-            if any(needle in line for line in self.lines):
-                return True
+        deadline = time.monotonic() + timeout
+        while not any(needle in line for line in self.lines):
             if self.proc.poll() is not None:
-                raise AssertionError(f"demo exited ({self.proc.returncode}):\n{self.output()}")
-            return False
-        wait_until(seen, timeout, 0.1, what=f"{needle!r} from the demo")
+                time.sleep(0.2)  # the reader thread's last lines
+                raise AssertionError(f"demo exited ({self.proc.returncode}) before "
+                                     f"{needle!r}:\n{self.output()}")
+            if time.monotonic() > deadline:
+                raise AssertionError(f"no {needle!r} from the demo within {timeout} s:\n"
+                                     f"{self.output()}")
+            time.sleep(0.1)
 
     def ctrl_c(self) -> None:
         """What a terminal does on Ctrl-C: SIGINT to the foreground process group."""
@@ -79,7 +95,8 @@ class DemoRun:
                 pass
 
 
-def test_demo_starts_everything_and_ctrl_c_stops_everything(tmp_path):
+def test_demo_starts_everything_and_ctrl_c_stops_everything(workdir):
+    tmp_path = workdir
     demo = DemoRun(tmp_path)
     try:
         demo.wait_for("demo: ready", 180)
@@ -90,6 +107,12 @@ def test_demo_starts_everything_and_ctrl_c_stops_everything(tmp_path):
         running = " | ".join(demo_processes(tmp_path).values())
         for part in ("caRepeater", "lock_ioc", "softIoc", "redis-server", "start-re-manager"):
             assert part in running, running
+        for part, account in (("lock_ioc", "lockioc"), ("softIoc", "beamioc"),
+                              ("start-re-manager", "bluesky")):   # each its own account
+            owners = {services.process_owner(pid)
+                      for pid, cmd in demo_processes(tmp_path).items()
+                      if part in cmd and not cmd.split()[0].endswith("runuser")}
+            assert owners == {account}, (part, owners)
         # The cheat sheet's environment reaches the system: the RE worker's lock is there.
         env_sh = (tmp_path / "env.sh").read_text()
         assert "EPICS_CA_ADDR_LIST" in env_sh and "QSERVER_ZMQ_CONTROL_ADDRESS" in env_sh
@@ -97,6 +120,13 @@ def test_demo_starts_everything_and_ctrl_c_stops_everything(tmp_path):
                             "&& qserver status"], capture_output=True, text=True, timeout=60)
         assert r.returncode == 0, r.stdout + r.stderr
         assert "Free" in r.stdout and "'worker_environment_exists': True" in r.stdout, r.stdout
+        # The cheat sheet's operator command, run as printed: a refusal (nothing to
+        # force-release) exits non-zero with the reason (caput -c), never 0.
+        line = next(ln for ln in out.splitlines() if "runuser -u operator" in ln).strip()
+        r = subprocess.run(["bash", "-c", f"source {tmp_path / 'env.sh'} && {line}"],
+                           capture_output=True, text=True, timeout=60)
+        assert r.returncode != 0 and "ForceRelease: refused: the lock is not held" in \
+            r.stdout + r.stderr, (line, r.stdout, r.stderr)
 
         demo.ctrl_c()
         assert demo.proc.wait(60) == 0, demo.output()
@@ -106,7 +136,23 @@ def test_demo_starts_everything_and_ctrl_c_stops_everything(tmp_path):
         demo.kill()
 
 
-def test_sigterm_during_startup_stops_what_was_started(tmp_path):
+def test_the_logs_removed_at_ctrl_c_and_how_to_keep_them_are_said():
+    """Ctrl-C removes the temporary work dir: the cheat sheet and the README say so and
+    name --keep / --workdir."""
+    from demo.__main__ import Demo, parse_args
+
+    def note(*argv: str) -> str:
+        return Demo.logs_note(SimpleNamespace(args=parse_args(list(argv)), work=Path("/w")))
+    assert "removed at Ctrl-C" in note() and "--keep" in note() and "--workdir" in note()
+    assert note("--keep") == note("--workdir", "/w") == "Logs: /w"
+    readme = (REPO / "README.md").read_text()
+    demo = readme[readme.index("**The whole system in one command:**"):]
+    demo = demo[:demo.index("\n## ")]
+    assert "--keep" in demo and "--workdir" in demo, demo
+
+
+def test_sigterm_during_startup_stops_what_was_started(workdir):
+    tmp_path = workdir
     demo = DemoRun(tmp_path)
     try:
         demo.wait_for("starting Redis", 120)

