@@ -1,0 +1,361 @@
+"""The remote half of the system on free loopback ports: bluesky-httpserver, one
+ophyd-websocket seat per web user, nginx in front (docs/remote.md).
+
+Provisional: each service is described once, declaratively, by a small function that
+returns a :class:`Service` (command, environment, ports, readiness, stop, OS account,
+files to prepare), and :func:`start` runs any of them. This is the shape the one
+launcher (``demo/services.py``) takes, so moving these functions there is mechanical.
+
+:class:`RemoteStack` starts the whole system the way the tests and the benchmark need it:
+lock IOC, beamline softIoc with the ACF, Redis, RE Manager (``tests/qserver_env.py``),
+then httpserver, the seats and nginx; and it gives clients: the HTTPS URL, the local
+CA that signed nginx's certificate, logins and API keys, WebSockets through nginx.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import pwd
+import secrets
+import shutil
+import ssl
+import subprocess
+import sys
+import tempfile
+import threading
+import urllib.request
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
+
+from websockets.sync.client import connect
+
+from demo.processes import Child
+
+from epics_env import ME, REPO, TEST_CONFIG, CANetwork, LockIOC, free_port
+from ws_env import DEVICES, OWS_SCRIPT, SEAT_ENV, WsClient, read_env_file
+
+sys.path.insert(0, str(REPO / "clients" / "httpserver"))
+sys.path.insert(0, str(REPO / "clients" / "nginx"))
+import httpserver_config  # noqa: E402  clients/ is not a package
+import nginx_config  # noqa: E402
+from nginx_config import setpriv  # noqa: E402
+
+#: The environment the venv's console scripts run from (uvicorn, ophyd-websocket).
+VENV_BIN = Path(sys.executable).parent
+#: nginx runs unprivileged: as Debian's www-data when started by root.
+NGINX_USER = "www-data" if os.getuid() == 0 else None
+#: Where nginx's certificate is valid; clients use the first.
+CERT_NAMES = ("localhost", "127.0.0.1")
+#: The provider name of httpserver_config.dictionary_provider (demo and tests).
+PROVIDER = "local"
+#: OS accounts the web users of the tests are (created by .ci/setup-system).
+WEB_USERS = ("alice", "bob", "operator", "observer")
+OBSERVERS = ("observer",)
+
+
+@dataclasses.dataclass
+class Service:
+    """One server process, described once: what runs, as whom, where it listens, when it
+    is ready, how it stops, and what must exist before it starts."""
+
+    name: str
+    argv: list[str]
+    env: dict[str, str]
+    ports: dict[str, int]
+    ready: Callable[[], bool]
+    log: Path
+    cwd: Path = REPO
+    #: OS account it runs as (``setpriv``, like systemd's ``User=``); None: the caller's.
+    user: str | None = None
+    #: Writes configuration, certificates, ... right before each start.
+    prepare: Callable[[], None] | None = None
+    ready_timeout: float = 90.0
+    stop_timeout: float = 10.0
+
+
+def start(service: Service) -> Child:
+    """Start ``service`` in its own process group and wait until it is ready. TERM then
+    KILL to the group (``Child.stop``) ends it with every child."""
+    if service.prepare is not None:
+        service.prepare()
+    child = Child(service.name, setpriv(service.user) + service.argv, env=service.env,
+                  log=service.log, cwd=service.cwd).start()
+    try:
+        child.wait_ready(service.ready, service.ready_timeout)
+    except BaseException:
+        child.stop(service.stop_timeout)
+        raise
+    return child
+
+
+def account_env(env: Mapping[str, str], user: str | None) -> dict[str, str]:
+    """``env`` with HOME, USER and LOGNAME of the account the process runs as."""
+    out = dict(env)
+    if user is not None:
+        entry = pwd.getpwnam(user)
+        out.update(HOME=entry.pw_dir, USER=user, LOGNAME=user)
+    return out
+
+
+def shared_dir(prefix: str) -> Path:
+    """A new directory every account can enter (services run as other accounts keep
+    their state under it, each in a directory of its own); the caller removes it."""
+    path = Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
+    path.chmod(0o755)
+    return path
+
+
+def _http_ok(url: str, context: ssl.SSLContext | None = None) -> bool:
+    with urllib.request.urlopen(url, timeout=2, context=context) as answer:
+        return answer.status == 200
+
+
+# ---- the services ----------------------------------------------------------------------
+def httpserver(state: Path, log: Path, *, lock_config, passwords: Mapping[str, str],
+               observers: Iterable[str], zmq_control: str, zmq_info: str,
+               port: int | None = None, user: str | None = None,
+               access_token_max_age: float | None = None) -> Service:
+    """bluesky-httpserver as its docs say: ``uvicorn bluesky_httpserver.server:app`` with
+    ``QSERVER_HTTP_SERVER_CONFIG``; roles from ``lock_config`` (a ``Config``), passwords
+    from ``passwords`` (dictionary provider ``local``). The token-signing secret and the
+    database of sessions and API keys live in ``state`` and survive restarts."""
+    port = port or free_port()
+    config = state / "config.yml"
+    secret = state / "secret"
+    settings = httpserver_config.render(
+        lock_config, provider=httpserver_config.dictionary_provider(passwords),
+        observers=observers, access_token_max_age=access_token_max_age)
+
+    def prepare() -> None:
+        state.mkdir(parents=True, exist_ok=True)
+        config.write_text(httpserver_config.dump(settings, str(lock_config.source)))
+        if not secret.exists():
+            secret.write_text(secrets.token_hex(32))
+            secret.chmod(0o600)
+        env["QSERVER_HTTP_SERVER_SERVER_SECRET_KEYS"] = secret.read_text().strip()
+        if user is not None:
+            subprocess.run(["chown", "-R", f"{user}:", str(state)], check=True)
+
+    env = account_env(os.environ, user)
+    env.update(QSERVER_HTTP_SERVER_CONFIG=str(config), BLUESKY_HTTPSERVER_STATE=str(state),
+               QSERVER_ZMQ_CONTROL_ADDRESS=zmq_control, QSERVER_ZMQ_INFO_ADDRESS=zmq_info,
+               PYTHONUNBUFFERED="1")
+    return Service(
+        "bluesky-httpserver",
+        [str(VENV_BIN / "uvicorn"), "--host", "127.0.0.1", "--port", str(port),
+         "bluesky_httpserver.server:app"],
+        env, {"http": port},
+        # /api/auth/scopes answers without the RE Manager (200, empty for no credentials).
+        lambda: _http_ok(f"http://127.0.0.1:{port}/api/auth/scopes"),
+        log, cwd=state.parent, user=user, prepare=prepare)
+
+
+def seat(net: CANetwork, log: Path, *, web_user: str, lock_prefix: str,
+         beamline_prefix: str, port: int | None = None, user: str | None = None) -> Service:
+    """One ophyd-websocket seat for ``web_user``: ``clients/websocket/seat.env``, lock
+    session ``web:<web_user>``, listening on loopback only, run as OS account ``user``
+    (the web user's own account, so that its CA identity is theirs)."""
+    port = port or free_port()
+    env = account_env(net.client_env(), user)
+    env.update(read_env_file(SEAT_ENV))
+    env.update(OAS_HOST="127.0.0.1", OAS_PORT=str(port), LOCK_PREFIX=lock_prefix,
+               BEAMLINE_PREFIX=beamline_prefix, LOCK_SESSION=f"web:{web_user}",
+               LOCK_ALLOW_FREE_WRITES="0", LOCK_CONNECT_TIMEOUT="10", PYTHONUNBUFFERED="1")
+
+    def lists_devices() -> bool:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/v1/devices",
+                                    timeout=2) as answer:
+            return tuple(sorted(json.load(answer).get("devices", []))) == DEVICES
+
+    return Service(f"ophyd-websocket seat of {web_user}", [str(OWS_SCRIPT)], env,
+                   {"http": port}, lists_devices, log, cwd=REPO, user=user)
+
+
+def nginx(state: Path, log: Path, *, httpserver_port: int, seats: Mapping[str, int],
+          ca_context: Callable[[], ssl.SSLContext], http_port: int | None = None,
+          https_port: int | None = None, user: str | None = NGINX_USER) -> Service:
+    """Debian's nginx as an unprivileged process (``user``) on loopback ports, its whole
+    runtime directory in ``state`` (config, auth.js, static root, certificate made at the
+    first start). Ready when ``/`` answers over TLS verified against its local CA."""
+    http_port, https_port = http_port or free_port(), https_port or free_port()
+    conf = state / "nginx.conf"
+
+    def prepare() -> None:
+        nginx_config.prepare(state, cert_names=CERT_NAMES, owner=user, http_port=http_port,
+                             https_port=https_port, httpserver=f"127.0.0.1:{httpserver_port}",
+                             seats=seats, device_scope=httpserver_config.DEVICE_SCOPE)
+        checked = nginx_config.check_config(conf, user)
+        if checked.returncode != 0:
+            raise RuntimeError(f"nginx -t rejected {conf}:\n{checked.stderr}")
+
+    return Service("nginx", [nginx_config.NGINX, "-c", str(conf), "-e", "stderr"],
+                   account_env(os.environ, user), {"http": http_port, "https": https_port},
+                   lambda: _http_ok(f"https://{CERT_NAMES[0]}:{https_port}/", ca_context()),
+                   log, cwd=state, user=user, prepare=prepare, ready_timeout=20)
+
+
+# ---- the whole system ------------------------------------------------------------------
+def lock_config_text(prefix: str, state: Path) -> str:
+    """The tests' lock config; this process's account (the RE worker's) is in ``queue``."""
+    return TEST_CONFIG.format(prefix=prefix, state=state).replace(
+        "users: [bluesky]", f"users: [bluesky, {ME}]")
+
+
+class RemoteStack:
+    """Lock IOC, beamline softIoc (ACF), Redis, RE Manager, bluesky-httpserver, a seat per
+    web user, nginx: all real, on free ports of 127.0.0.1.
+
+    ``seat_users``: whether each seat runs as its web user's OS account (the design) or as
+    this process's account.
+    """
+
+    LOCK, BEAMLINE = "TST:LOCK:", "TST:"
+
+    def __init__(self, workdir: Path, *, web_users: Iterable[str] = WEB_USERS,
+                 observers: Iterable[str] = OBSERVERS, seat_users: bool = True,
+                 access_token_max_age: float | None = None,
+                 manager_env: Mapping[str, str] | None = None) -> None:
+        from qserver_env import REManager, Redis
+        self.workdir = workdir
+        self.shared = shared_dir("beamline-lock-remote-")
+        self.net = CANetwork()
+        self.lock = LockIOC(self.net, workdir, prefix=self.LOCK,
+                            config_text=lock_config_text(self.LOCK,
+                                                         workdir / "lock-state.sqlite3"))
+        self.web_users = tuple(web_users)
+        self.observers = tuple(observers)
+        self.passwords = {u: secrets.token_urlsafe(12) for u in self.web_users + ("mallory",)}
+        self.redis = Redis(workdir / "redis")
+        self.manager = REManager(self.net, workdir / "manager", self.redis, env={
+            "LOCK_PREFIX": self.LOCK, "BEAMLINE_PREFIX": self.BEAMLINE,
+            "LOCK_CONNECT_TIMEOUT": "10", **(manager_env or {})})
+        self.seat_users = seat_users
+        self.access_token_max_age = access_token_max_age
+        self.beamline = None
+        self.services: dict[str, Service] = {}
+        self.running: dict[str, Child] = {}
+        self._started: list = []
+
+    # -- lifecycle
+    def start(self) -> RemoteStack:
+        from beamline_env import SoftIoc
+        try:
+            self._started.append(self.lock.start())
+            self.beamline = SoftIoc(self.net, self.workdir, self.lock.config,
+                                    prefix=self.BEAMLINE)
+            self._started.append(self.beamline.start())
+            self._started.append(self.redis.start())
+            self._started.append(self.manager.start())
+            self.describe()
+            for name in self.services:
+                self.start_service(name)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def describe(self) -> None:
+        """Describe httpserver, the seats and nginx (ports fixed from here on)."""
+        from lock_ioc.config import load
+        logs = self.workdir
+        hs = httpserver(self.shared / "httpserver", logs / "httpserver.log",
+                        lock_config=load(self.lock.config), passwords=self.passwords,
+                        observers=self.observers, zmq_control=self.manager.control_addr,
+                        zmq_info=self.manager.info_addr,
+                        access_token_max_age=self.access_token_max_age)
+        self.services["httpserver"] = hs
+        for user in self.web_users:
+            self.services[f"seat:{user}"] = seat(
+                self.net, logs / f"seat-{user}.log", web_user=user, lock_prefix=self.LOCK,
+                beamline_prefix=self.BEAMLINE, user=user if self.seat_users else None)
+        self.services["nginx"] = nginx(
+            self.shared / "nginx", logs / "nginx.log", httpserver_port=hs.ports["http"],
+            seats={u: self.services[f"seat:{u}"].ports["http"] for u in self.web_users},
+            ca_context=self.ssl_context)
+
+    def start_service(self, name: str) -> Child:
+        self.running[name] = start(self.services[name])
+        return self.running[name]
+
+    def stop_service(self, name: str) -> None:
+        child = self.running.pop(name, None)
+        if child is not None:
+            child.stop(self.services[name].stop_timeout)
+
+    def stop(self) -> None:
+        for name in reversed(list(self.running)):
+            self.stop_service(name)
+        for part in reversed(self._started):
+            part.stop()
+        self._started.clear()
+        shutil.rmtree(self.shared, ignore_errors=True)
+
+    # -- what clients need
+    @property
+    def https_port(self) -> int:
+        return self.services["nginx"].ports["https"]
+
+    @property
+    def url(self) -> str:
+        """The one door: https://localhost:<port>."""
+        return f"https://{CERT_NAMES[0]}:{self.https_port}"
+
+    @property
+    def http_url(self) -> str:
+        return f"http://{CERT_NAMES[0]}:{self.services['nginx'].ports['http']}"
+
+    @property
+    def direct_url(self) -> str:
+        """bluesky-httpserver itself, behind nginx (for comparison only)."""
+        return f"http://127.0.0.1:{self.services['httpserver'].ports['http']}"
+
+    @property
+    def ca_file(self) -> Path:
+        """The local CA nginx's certificate chains to: what a client trusts."""
+        return self.shared / "nginx" / "tls" / "ca.crt"
+
+    def ssl_context(self) -> ssl.SSLContext:
+        return ssl.create_default_context(cafile=str(self.ca_file))
+
+    def wss(self, path: str) -> str:
+        return f"wss://{CERT_NAMES[0]}:{self.https_port}{path}"
+
+    def api(self, user: str | None = None, password: str | None = None):
+        """bluesky-queueserver-api in HTTP mode through nginx, logged in as ``user``. TLS
+        is verified against the local CA (``SSL_CERT_FILE``, as a remote user sets it)."""
+        from bluesky_queueserver_api.http import REManagerAPI
+        os.environ["SSL_CERT_FILE"] = str(self.ca_file)
+        api = REManagerAPI(http_server_uri=self.url, http_auth_provider=f"/{PROVIDER}/token")
+        if user is not None:
+            api.login(user, password=password or self.passwords[user])
+        return api
+
+    def api_key(self, user: str, expires_in: int = 900, scopes: list[str] | None = None) -> str:
+        """A new API key of ``user`` (logged in with their password), through nginx."""
+        api = self.api(user)
+        try:
+            return api.apikey_new(expires_in=expires_in, scopes=scopes)["secret"]
+        finally:
+            api.close()
+
+    def socket(self, path: str, *, api_key: str | None = None,
+               headers: Mapping[str, str] | None = None) -> GatewaySocket:
+        """A WebSocket through nginx to ``/ophyd/api/v1/<path>``, the key in the query as a
+        browser's page would send it (or ``headers``, e.g. a Cookie)."""
+        url = self.wss(f"/ophyd/api/v1/{path}") + (f"?api_key={api_key}" if api_key else "")
+        return GatewaySocket(url, self.ssl_context(), headers=headers)
+
+
+class GatewaySocket(WsClient):
+    """``ws_env.WsClient`` over TLS (verified against the local CA), with extra handshake
+    headers (a browser's Cookie or Origin)."""
+
+    def __init__(self, url: str, context: ssl.SSLContext, *,
+                 headers: Mapping[str, str] | None = None, timeout: float = 10) -> None:
+        self.ws = connect(url, ssl=context, additional_headers=dict(headers or {}),
+                          open_timeout=timeout, max_size=None).__enter__()
+        self.messages = []
+        self._cond = threading.Condition()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
