@@ -49,9 +49,12 @@ NGINX_USER = "www-data" if os.getuid() == 0 else None
 CERT_NAMES = ("localhost", "127.0.0.1")
 #: The provider name of httpserver_config.dictionary_provider (demo and tests).
 PROVIDER = "local"
-#: OS accounts the web users of the tests are (created by .ci/setup-system).
-WEB_USERS = ("alice", "bob", "operator", "observer")
+#: OS accounts the web users of the tests are (created by .ci/setup-system): staff,
+#: operator, an observer (no lock group), and mallory, who has a password but no role.
+ACCOUNTS = ("alice", "bob", "operator", "observer", "mallory")
 OBSERVERS = ("observer",)
+#: Whose ophyd-websocket seat the stack starts (each as that OS account).
+WEB_USERS = ("alice", "bob", "operator", "observer")
 
 
 @dataclasses.dataclass
@@ -225,7 +228,7 @@ class RemoteStack:
                                                          workdir / "lock-state.sqlite3"))
         self.web_users = tuple(web_users)
         self.observers = tuple(observers)
-        self.passwords = {u: secrets.token_urlsafe(12) for u in self.web_users + ("mallory",)}
+        self.passwords = {u: secrets.token_urlsafe(12) for u in ACCOUNTS}
         self.redis = Redis(workdir / "redis")
         self.manager = REManager(self.net, workdir / "manager", self.redis, env={
             "LOCK_PREFIX": self.LOCK, "BEAMLINE_PREFIX": self.BEAMLINE,

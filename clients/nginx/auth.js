@@ -87,8 +87,8 @@ async function check(r) {
         return refuse(r, 403, 'these credentials name no single user');
     }
     if (scopes.indexOf(v.bl_device_scope) < 0) {
-        return refuse(r, 403, 'user ' + user + ' may not use the devices (their role lacks '
-                      + 'the scope ' + v.bl_device_scope + ')');
+        return refuse(r, 403, 'user ' + user + ' may not use the devices: these credentials '
+                      + 'lack the scope ' + v.bl_device_scope);
     }
     const seats = JSON.parse(v.bl_seats);
     if (!Object.prototype.hasOwnProperty.call(seats, user)) {
