@@ -1,13 +1,20 @@
 # beamline-lock: `make run` serves the lock IOC, `make test` runs the tests.
-# Both set up what they need (a Python 3.12 venv in .venv; for tests also Redis and
-# the test OS users), so they work on a fresh clone.
+# Both set up what they need (a Python 3.12 venv in .venv; for tests also the Debian
+# packages, the test OS users and service accounts, and the installation every account
+# runs in $(PREFIX)), so they work on a fresh clone.
 VENV      := .venv
 PY        := $(VENV)/bin/python
 STAMP     := $(VENV)/.installed
 PYTEST_ARGS ?=
 ARGS      ?=
+# The installation every account runs (interpreter, venv with this checkout, run-time
+# files); several checkouts testing on one machine need a prefix each.
+PREFIX    ?= $(or $(BEAMLINE_LOCK_PREFIX),/opt/beamline-lock)
+INSTALL_EXTRAS ?= screens
+export BEAMLINE_LOCK_PREFIX := $(PREFIX)
+export BEAMLINE_LOCK_EXTRAS := $(INSTALL_EXTRAS)
 
-.PHONY: run test venv system bench demo docs screens clean
+.PHONY: run test venv system install bench demo docs screens clean
 
 $(STAMP): setup.cfg pyproject.toml
 	@test -x $(PY) || "$$(.ci/find-python)" -m venv $(VENV)
@@ -17,23 +24,27 @@ $(STAMP): setup.cfg pyproject.toml
 
 venv: $(STAMP)
 
+# Root: Debian packages, OS users and service accounts, Python 3.12 in $(PREFIX).
 system:
-	.ci/setup-system
+	.ci/setup-system $(PREFIX)
+
+# Root: $(PREFIX)/venv with this checkout installed (not editable) and $(PREFIX)/share;
+# does nothing when they already match the checkout.
+install: $(STAMP) system
+	$(PY) -m demo.install --prefix $(PREFIX) --extras '$(INSTALL_EXTRAS)'
 
 run: $(STAMP)
 	$(VENV)/bin/lock-ioc $(ARGS)
 
-test: $(STAMP) system
+test: install
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 # The whole system on loopback (lock IOC, beamline softIoc + ACF, Redis, RE Manager);
-# Ctrl-C stops it all. If redis-server is missing, runs `make system` first (needs root:
-# Redis and the test OS users the cheat sheet's runuser lines use).
-demo: $(STAMP)
-	@command -v redis-server >/dev/null 2>&1 || $(MAKE) system
+# Ctrl-C stops it all. Needs root (the installation, the accounts the services run as).
+demo: install
 	$(PY) -m demo $(ARGS)
 
-bench: $(STAMP)
+bench: install
 	for b in bench/bench_*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
 
 docs: $(STAMP)
@@ -41,7 +52,7 @@ docs: $(STAMP)
 	$(PY) -m lock_ioc.contract --json > docs/pv-interface.json
 
 # Regenerate the Phoebus/PyDM screens from the PV contract and the PyDM screenshots.
-screens: $(STAMP)
+screens: install
 	$(PY) clients/screens_gen.py
 	$(PY) tests/screens_env.py shoot docs/screens
 

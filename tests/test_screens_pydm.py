@@ -1,23 +1,24 @@
 """The PyDM screens, headless (QT_QPA_PLATFORM=offscreen), against a live lock IOC and the
 simulated beamline's softIoc, driven through Qt like a person would.
 
-The screen's CA identity is this test process's OS user (root in CI), whom the ``lock``
-fixture's config admits as a queue and operator member. ``lockctl`` runs as this user
-too: the venv's Python lives under /root (mode 0700), so other OS users cannot run it.
-alice acts through the real ``caput`` run as the OS user alice; that is where the screen
-is shown to display another user's identity.
+The screen runs as the OS user operator (its CA identity ``operator@host``, an operator
+member in the ``lock`` fixture's config) on the installation every account runs; the
+installed ``lockctl`` runs as operator too. alice acts through the real ``caput`` run as
+the OS user alice; that is where the screen is shown to display another user's identity.
 """
 from __future__ import annotations
 
 import subprocess
-import sys
 
 import pytest
 
-from epics_env import HOST, ME, LockIOC, admitting_me, identity, wait_until
+from demo.install import as_user
+from epics_env import LockIOC, admitting_me, identity, installation, wait_until
 from screens_env import PyDMScreen
 
-MYSELF = f"{ME}@{HOST}"
+#: The screen's OS user and CA identity.
+VIEWER = "operator"
+MYSELF = identity(VIEWER)
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
@@ -31,8 +32,8 @@ def lock_screen(net, lock, tmp_path):
 def lockctl(net, lock, *args: str) -> subprocess.CompletedProcess:
     env = net.client_env()
     env["LOCK_PREFIX"] = lock.prefix
-    return subprocess.run([sys.executable, "-m", "beamline_lock.cli", *args], env=env,
-                          capture_output=True, text=True, timeout=60)
+    return subprocess.run(as_user(VIEWER, [str(installation().script("lockctl")), *args]),
+                          env=env, capture_output=True, text=True, timeout=60)
 
 
 def history(net, lock) -> list[str]:
@@ -50,8 +51,8 @@ def shows(screen: PyDMScreen, widget: str, text: str, timeout: float = 20) -> st
 
 def test_lockctl_acquire_as_this_user_shows_its_identity_and_release_button_frees(
         net, lock, lock_screen, tmp_path):
-    """lockctl runs as this test's OS user (not alice: see the module docstring), so the
-    owner shown is this user's identity, the same as the screen's own. The session
+    """lockctl runs as the screen's OS user (operator), so the owner shown is that
+    identity, the same as the screen's own. The session
     (``beamtime``) is not the one in the screen's empty Session field, so Release asks."""
     shows(lock_screen, "state", "Free")
     assert lock_screen.prop("state", "lockState") == "Free"
@@ -146,10 +147,11 @@ def test_other_holder_is_shown_and_only_an_operator_confirmed_force_release_free
 
 def test_release_of_another_session_under_the_same_identity_asks_first(
         net, lock, lock_screen):
-    """The queue worker runs as this same user@host: its session ``queue`` is shown, the
-    screen's Session field says ``scan42``; one click must not release the queue's lock."""
+    """Another program of the same user@host holds session ``queue``: it is shown, the
+    screen's Session field says ``scan42``; one click must not release that lock."""
     shows(lock_screen, "state", "Free")
-    assert net.caput(lock.pv("Acquire"), '{"session": "queue", "lease": 600}').returncode == 0
+    assert net.caput(lock.pv("Acquire"), '{"session": "queue", "lease": 600}',
+                     user=VIEWER).returncode == 0
     shows(lock_screen, "session", "queue")
     lock_screen.type("acquire_session", "scan42")
 
@@ -199,7 +201,7 @@ def test_ioc_down_greys_state_and_buttons(net, lock, lock_screen):
 
 @pytest.fixture
 def gated_beamline(net, tmp_path):
-    """Lock IOC admitting this user (queue, operator) + the softIoc gated on it."""
+    """Lock IOC (operator: the viewer) + the softIoc gated on it."""
     from beamline_env import SoftIoc
     work = tmp_path / "ioc"
     work.mkdir()
@@ -221,7 +223,7 @@ GATED = ("shutter_open", "shutter_close", "m1_setpoint", "m1_stop", "m2_setpoint
 def test_device_panel_controls_follow_the_viewers_gate(net, gated_beamline, tmp_path):
     lock, devices = gated_beamline
     panel = PyDMScreen(net, "devices", {"P": lock.prefix, "DEV": devices.prefix,
-                                        "GROUP": "queue"}, tmp_path / "pydm-devices.log")
+                                        "GROUP": "operator"}, tmp_path / "pydm-devices.log")
     try:
         shows(panel, "gate", "1")
         wait_until(lambda: all(panel.enabled(w) for w in GATED), 20, 0.1,

@@ -5,11 +5,12 @@ generated from the lock's config) as processes, the unmodified ``ophyd-websocket
 console script as a subprocess on the shared startup directory (``OAS_STARTUP_DIR``),
 real ``caput`` as real OS users, and a real ``websockets`` client.
 
-Identities. ophyd-websocket runs as this test's OS user (root in CI), so every CA put it
-makes, a web page's ``Acquire`` included, is ``ME@host``. The lock config puts that user
-in a ``web`` group of its own (``web_seat_config``), so the device IOC's ACF gates the
-seat's direct PV writes on ``Gate:web``. Each seat has a ``LOCK_SESSION``: its gated
-devices write only while ``ME@host`` holds the lock under that session. The queue's
+Identities. ophyd-websocket runs as the seat's service account (``ws_env.SEAT_USER``,
+``oaswww``), so every CA put it makes, a web page's ``Acquire`` included, is
+``oaswww@host``. The lock config puts that user in a ``web`` group of its own
+(``web_seat_config``), so the device IOC's ACF gates the seat's direct PV writes on
+``Gate:web``. Each seat has a ``LOCK_SESSION``: its gated devices write only while
+``oaswww@host`` holds the lock under that session. The queue's
 identity is ``bluesky@host`` with session ``queue`` (as the RE worker's lock guard
 acquires it), driven here by ``caput`` as the OS user bluesky.
 """
@@ -21,12 +22,12 @@ import time
 import pytest
 
 from beamline_env import SoftIoc
-from epics_env import HOST, ME, REPO, LockIOC, identity, wait_until
-from ws_env import OphydWebsocket, Page, WsClient, web_seat_config
+from epics_env import REPO, LockIOC, identity, wait_until
+from ws_env import SEAT_USER, OphydWebsocket, Page, WsClient, web_seat_config
 
 P = "TST:LOCK:"
 B = "TST:"
-SEAT = f"{ME}@{HOST}"
+SEAT = identity(SEAT_USER)
 QUEUE = identity("bluesky")
 LOCK_PVS = [P + s for s in ("State", "Owner", "Session", "Note", "Token", "Message",
                             "Acquire", "Renew", "Release")]

@@ -1,9 +1,11 @@
 """The real ophyd-websocket server and a real websocket client, for the tests.
 
-``OphydWebsocket`` runs the unmodified ``ophyd-websocket`` console script of the venv on a
-free port, configured only through its environment: the documented seat configuration
-``clients/websocket/seat.env`` (``OAS_STARTUP_DIR=clients/startup``, the shared gated
-startup directory, relative to the checkout it runs in), then ``OAS_HOST``/``OAS_PORT``,
+``OphydWebsocket`` runs the unmodified ``ophyd-websocket`` console script of the
+installation every account runs, as the seat's service account ``oaswww`` (its CA
+identity), on a free port, configured only through its environment: the documented seat
+configuration ``clients/websocket/seat.env`` (``OAS_STARTUP_DIR=clients/startup``, the
+shared gated startup directory, relative to the installed copy of the checkout it runs
+in, ``$BEAMLINE_LOCK_PREFIX/share``), then ``OAS_HOST``/``OAS_PORT``,
 the CA environment of the test network and the seat's ``LOCK_*`` settings. It runs in
 its own process group, which ``stop()`` always kills entirely.
 
@@ -16,7 +18,6 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
-import sys
 import threading
 import time
 import urllib.request
@@ -26,24 +27,26 @@ from typing import Any
 
 from websockets.sync.client import ClientConnection, connect
 
+from demo.install import as_user
 from demo.processes import stop_group
 
-from epics_env import ME, REPO, TEST_CONFIG, CANetwork, free_port
+from epics_env import REPO, TEST_CONFIG, CANetwork, free_port, installation
 
 #: The documented seat configuration; the tests start from it and override ports,
 #: prefixes and the seat's session.
 SEAT_ENV = REPO / "clients" / "websocket" / "seat.env"
-#: The console script pip installed for ophyd-websocket (runs ophyd_websocket.server:main).
-OWS_SCRIPT = Path(sys.executable).parent / "ophyd-websocket"
+#: The seat's OS account (.ci/setup-system): its CA identity is ``oaswww@host``.
+SEAT_USER = "oaswww"
 #: Devices 10-devices.py defines; the server is ready when its registry lists them all.
 DEVICES = ("beam", "det", "m1", "m2", "shutter")
 
 
 def web_seat_config(prefix: str, state: Path) -> str:
-    """The test lock config plus a ``web`` group holding only this OS user (the seat's
-    CA identity: ophyd-websocket runs as the test's user). This user is in no other
-    group, so the device IOC's ACF gates the seat's direct PV writes on ``Gate:web``."""
-    return TEST_CONFIG.format(prefix=prefix, state=state) + f"  web:      {{users: [{ME}]}}\n"
+    """The test lock config plus a ``web`` group holding only the seat's account (its CA
+    identity). That account is in no other group, so the device IOC's ACF gates the
+    seat's direct PV writes on ``Gate:web``."""
+    return (TEST_CONFIG.format(prefix=prefix, state=state)
+            + f"  web:      {{users: [{SEAT_USER}]}}\n")
 
 
 def read_env_file(path: Path) -> dict[str, str]:
@@ -97,12 +100,12 @@ class OphydWebsocket:
 
     def start(self, timeout: float = 90) -> OphydWebsocket:
         """Start it and wait until its registry lists the startup directory's devices."""
-        if not OWS_SCRIPT.exists():
-            raise RuntimeError(f"ophyd-websocket is not installed in this venv ({OWS_SCRIPT})")
+        inst = installation()
         with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen([str(OWS_SCRIPT)], env=self.env, cwd=REPO,
-                                         stdout=log, stderr=subprocess.STDOUT,
-                                         stdin=subprocess.DEVNULL, start_new_session=True)
+            self.proc = subprocess.Popen(
+                as_user(SEAT_USER, [str(inst.script("ophyd-websocket"))]), env=self.env,
+                cwd=inst.share, stdout=log, stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL, start_new_session=True)
         deadline = time.monotonic() + timeout
         try:
             while not self._lists_devices():
