@@ -22,7 +22,6 @@ import shutil
 import ssl
 import subprocess
 import sys
-import tempfile
 import threading
 import urllib.request
 from collections.abc import Callable, Iterable, Mapping
@@ -30,18 +29,19 @@ from pathlib import Path
 
 from websockets.sync.client import connect
 
+from demo.install import as_user
 from demo.processes import Child
 
-from epics_env import ME, REPO, TEST_CONFIG, CANetwork, LockIOC, free_port
-from ws_env import DEVICES, OWS_SCRIPT, SEAT_ENV, WsClient, read_env_file
+from epics_env import (ME, REPO, TEST_CONFIG, CANetwork, LockIOC, free_port, installation,
+                       user_dir)
+from ws_env import DEVICES, SEAT_ENV, WsClient, read_env_file
 
 sys.path.insert(0, str(REPO / "clients" / "httpserver"))
 sys.path.insert(0, str(REPO / "clients" / "nginx"))
 import httpserver_config  # noqa: E402  clients/ is not a package
 import nginx_config  # noqa: E402
-from nginx_config import setpriv  # noqa: E402
 
-#: The environment the venv's console scripts run from (uvicorn, ophyd-websocket).
+#: This process's venv (uvicorn for httpserver, run as this process's account).
 VENV_BIN = Path(sys.executable).parent
 #: nginx runs unprivileged: as Debian's www-data when started by root.
 NGINX_USER = "www-data" if os.getuid() == 0 else None
@@ -69,7 +69,7 @@ class Service:
     ready: Callable[[], bool]
     log: Path
     cwd: Path = REPO
-    #: OS account it runs as (``setpriv``, like systemd's ``User=``); None: the caller's.
+    #: OS account it runs as (like systemd's ``User=``); None: the caller's.
     user: str | None = None
     #: Writes configuration, certificates, ... right before each start.
     prepare: Callable[[], None] | None = None
@@ -82,7 +82,7 @@ def start(service: Service) -> Child:
     KILL to the group (``Child.stop``) ends it with every child."""
     if service.prepare is not None:
         service.prepare()
-    child = Child(service.name, setpriv(service.user) + service.argv, env=service.env,
+    child = Child(service.name, as_user(service.user, service.argv), env=service.env,
                   log=service.log, cwd=service.cwd).start()
     try:
         child.wait_ready(service.ready, service.ready_timeout)
@@ -99,14 +99,6 @@ def account_env(env: Mapping[str, str], user: str | None) -> dict[str, str]:
         entry = pwd.getpwnam(user)
         out.update(HOME=entry.pw_dir, USER=user, LOGNAME=user)
     return out
-
-
-def shared_dir(prefix: str) -> Path:
-    """A new directory every account can enter (services run as other accounts keep
-    their state under it, each in a directory of its own); the caller removes it."""
-    path = Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
-    path.chmod(0o755)
-    return path
 
 
 def _http_ok(url: str, context: ssl.SSLContext | None = None) -> bool:
@@ -158,8 +150,10 @@ def seat(net: CANetwork, log: Path, *, web_user: str, lock_prefix: str,
          beamline_prefix: str, port: int | None = None, user: str | None = None) -> Service:
     """One ophyd-websocket seat for ``web_user``: ``clients/websocket/seat.env``, lock
     session ``web:<web_user>``, listening on loopback only, run as OS account ``user``
-    (the web user's own account, so that its CA identity is theirs)."""
+    (the web user's own account, so that its CA identity is theirs) from the
+    installation every account runs (``demo/install.py``)."""
     port = port or free_port()
+    inst = installation()
     env = account_env(net.client_env(), user)
     env.update(read_env_file(SEAT_ENV))
     env.update(OAS_HOST="127.0.0.1", OAS_PORT=str(port), LOCK_PREFIX=lock_prefix,
@@ -171,8 +165,9 @@ def seat(net: CANetwork, log: Path, *, web_user: str, lock_prefix: str,
                                     timeout=2) as answer:
             return tuple(sorted(json.load(answer).get("devices", []))) == DEVICES
 
-    return Service(f"ophyd-websocket seat of {web_user}", [str(OWS_SCRIPT)], env,
-                   {"http": port}, lists_devices, log, cwd=REPO, user=user)
+    return Service(f"ophyd-websocket seat of {web_user}",
+                   [str(inst.script("ophyd-websocket"))], env, {"http": port}, lists_devices,
+                   log, cwd=inst.share, user=user)
 
 
 def nginx(state: Path, log: Path, *, httpserver_port: int, seats: Mapping[str, int],
@@ -221,7 +216,10 @@ class RemoteStack:
                  manager_env: Mapping[str, str] | None = None) -> None:
         from qserver_env import REManager, Redis
         self.workdir = workdir
-        self.shared = shared_dir("beamline-lock-remote-")
+        # Runtime directories, each only its service's account may use (tmp_path is
+        # private to this process's account).
+        self.state = {"httpserver": user_dir(None, "httpserver"),
+                      "nginx": user_dir(NGINX_USER, "nginx")}
         self.net = CANetwork()
         self.lock = LockIOC(self.net, workdir, prefix=self.LOCK,
                             config_text=lock_config_text(self.LOCK,
@@ -262,7 +260,7 @@ class RemoteStack:
         """Describe httpserver, the seats and nginx (ports fixed from here on)."""
         from lock_ioc.config import load
         logs = self.workdir
-        hs = httpserver(self.shared / "httpserver", logs / "httpserver.log",
+        hs = httpserver(self.state["httpserver"], logs / "httpserver.log",
                         lock_config=load(self.lock.config), passwords=self.passwords,
                         observers=self.observers, zmq_control=self.manager.control_addr,
                         zmq_info=self.manager.info_addr,
@@ -273,7 +271,7 @@ class RemoteStack:
                 self.net, logs / f"seat-{user}.log", web_user=user, lock_prefix=self.LOCK,
                 beamline_prefix=self.BEAMLINE, user=user if self.seat_users else None)
         self.services["nginx"] = nginx(
-            self.shared / "nginx", logs / "nginx.log", httpserver_port=hs.ports["http"],
+            self.state["nginx"], logs / "nginx.log", httpserver_port=hs.ports["http"],
             seats={u: self.services[f"seat:{u}"].ports["http"] for u in self.web_users},
             ca_context=self.ssl_context)
 
@@ -292,7 +290,8 @@ class RemoteStack:
         for part in reversed(self._started):
             part.stop()
         self._started.clear()
-        shutil.rmtree(self.shared, ignore_errors=True)
+        for path in self.state.values():
+            shutil.rmtree(path, ignore_errors=True)
 
     # -- what clients need
     @property
@@ -316,7 +315,7 @@ class RemoteStack:
     @property
     def ca_file(self) -> Path:
         """The local CA nginx's certificate chains to: what a client trusts."""
-        return self.shared / "nginx" / "tls" / "ca.crt"
+        return self.state["nginx"] / "tls" / "ca.crt"
 
     def ssl_context(self) -> ssl.SSLContext:
         return ssl.create_default_context(cafile=str(self.ca_file))

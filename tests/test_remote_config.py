@@ -13,9 +13,9 @@ import yaml
 from bluesky_httpserver.authorization import DictionaryAPIAccessControl
 from bluesky_httpserver.config import parse_configs
 
-from epics_env import REPO, TEST_CONFIG
+from epics_env import REPO, TEST_CONFIG, user_dir
 from lock_ioc.config import ConfigError, parse
-from remote_env import NGINX_USER, httpserver_config, nginx_config, shared_dir
+from remote_env import NGINX_USER, httpserver_config, nginx_config
 
 
 def lock_config(text: str = TEST_CONFIG):
@@ -85,8 +85,9 @@ def test_an_observer_in_a_lock_group_is_refused_with_a_clear_error():
 
 @pytest.fixture
 def runtime():
-    path = shared_dir("beamline-lock-test-nginx-")
-    yield path / "nginx"
+    """nginx's runtime directory, owned by the account nginx runs as."""
+    path = user_dir(NGINX_USER, "nginx")
+    yield path
     subprocess.run(["rm", "-rf", str(path)], check=True)
 
 

@@ -69,7 +69,6 @@ def prepare(state_dir: Path, *, cert_names: Sequence[str], web_root: Path = WEB_
     shutil.copytree(web_root, state_dir / "www")
     conf = state_dir / "nginx.conf"
     conf.write_text(render(state_dir=state_dir, **render_args))
-    state_dir.chmod(0o755)
     if owner is not None:
         subprocess.run(["chown", "-R", f"{owner}:", str(state_dir)], check=True)
     make_cert(state_dir / "tls", cert_names, user=owner)
