@@ -213,7 +213,8 @@ class RemoteStack:
     def __init__(self, workdir: Path, *, web_users: Iterable[str] = WEB_USERS,
                  observers: Iterable[str] = OBSERVERS, seat_users: bool = True,
                  access_token_max_age: float | None = None,
-                 manager_env: Mapping[str, str] | None = None) -> None:
+                 manager_env: Mapping[str, str] | None = None,
+                 open_environment: bool = True) -> None:
         from qserver_env import REManager, Redis
         self.workdir = workdir
         # Runtime directories, each only its service's account may use (tmp_path is
@@ -233,6 +234,7 @@ class RemoteStack:
             "LOCK_CONNECT_TIMEOUT": "10", **(manager_env or {})})
         self.seat_users = seat_users
         self.access_token_max_age = access_token_max_age
+        self.open_environment = open_environment
         self.beamline = None
         self.services: dict[str, Service] = {}
         self.running: dict[str, Child] = {}
@@ -247,7 +249,7 @@ class RemoteStack:
                                     prefix=self.BEAMLINE)
             self._started.append(self.beamline.start())
             self._started.append(self.redis.start())
-            self._started.append(self.manager.start())
+            self._started.append(self.manager.start(self.open_environment))
             self.describe()
             for name in self.services:
                 self.start_service(name)
