@@ -13,6 +13,7 @@ CA that signed nginx's certificate, logins and API keys, WebSockets through ngin
 """
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import json
 import os
@@ -23,11 +24,10 @@ import ssl
 import subprocess
 import sys
 import threading
+import time
 import urllib.request
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
-
-from websockets.sync.client import connect
 
 from demo.install import as_user
 from demo.processes import Child
@@ -239,6 +239,7 @@ class RemoteStack:
         self.services: dict[str, Service] = {}
         self.running: dict[str, Child] = {}
         self._started: list = []
+        self._ssl_cert_file = os.environ.get("SSL_CERT_FILE")   # api() sets it; stop() restores
 
     # -- lifecycle
     def start(self) -> RemoteStack:
@@ -294,6 +295,16 @@ class RemoteStack:
         self._started.clear()
         for path in self.state.values():
             shutil.rmtree(path, ignore_errors=True)
+        if self._ssl_cert_file is None:
+            os.environ.pop("SSL_CERT_FILE", None)
+        else:
+            os.environ["SSL_CERT_FILE"] = self._ssl_cert_file
+
+    def __enter__(self) -> RemoteStack:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
 
     # -- what clients need
     @property
@@ -352,14 +363,69 @@ class RemoteStack:
 
 
 class GatewaySocket(WsClient):
-    """``ws_env.WsClient`` over TLS (verified against the local CA), with extra handshake
-    headers (a browser's Cookie or Origin)."""
+    """``ws_env.WsClient`` over TLS through nginx (verified against the local CA), with
+    extra handshake headers (a browser's Cookie or Origin).
+
+    It runs websockets' asyncio client on an event loop of its own: the threaded client
+    reads and writes one ``ssl.SSLSocket`` from two threads, which is not safe (now and
+    then the upgrade request never leaves; python-socketio#1568 measured the same with
+    Python 3.12). The asyncio client does all TLS I/O in one thread.
+    """
 
     def __init__(self, url: str, context: ssl.SSLContext, *,
                  headers: Mapping[str, str] | None = None, timeout: float = 10) -> None:
-        self.ws = connect(url, ssl=context, additional_headers=dict(headers or {}),
-                          open_timeout=timeout, max_size=None).__enter__()
+        from websockets.asyncio.client import connect as aconnect
         self.messages = []
         self._cond = threading.Condition()
-        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._loop = asyncio.new_event_loop()
+        self._reader = threading.Thread(target=self._loop.run_forever, daemon=True)
         self._reader.start()
+        try:
+            async def open_() -> object:
+                return await aconnect(url, ssl=context, additional_headers=dict(headers or {}),
+                                      open_timeout=timeout, max_size=None)
+            self.ws = self._call(open_(), timeout + 5)
+        except BaseException:
+            self._stop_loop()
+            raise
+        self._reading = asyncio.run_coroutine_threadsafe(self._read_async(), self._loop)
+
+    def _call(self, coro, timeout: float = 15):
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout)
+
+    async def _read_async(self) -> None:
+        try:
+            async for raw in self.ws:
+                now = time.monotonic()
+                try:
+                    msg = json.loads(raw)
+                except ValueError:
+                    msg = {"unparsed": raw}
+                with self._cond:
+                    self.messages.append((now, msg))
+                    self._cond.notify_all()
+        except Exception:  # noqa: BLE001 - connection closed: waiters time out and say so
+            pass
+
+    def send(self, **msg) -> int:
+        """Send ``msg`` as JSON; returns the index of the next message to arrive."""
+        start = self.mark()
+        self._call(self.ws.send(json.dumps(msg)))
+        return start
+
+    def wait_closed(self, timeout: float = 15) -> tuple[int | None, str | None]:
+        """Wait until the server closes the connection: (close code, reason)."""
+        self._reading.result(timeout)
+        return self.ws.close_code, self.ws.close_reason
+
+    def close(self) -> None:
+        try:
+            self._call(self.ws.close())
+            self._reading.result(5)
+        finally:
+            self._stop_loop()
+
+    def _stop_loop(self) -> None:
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._reader.join(5)
+        self._loop.close()

@@ -53,11 +53,10 @@ async function check(r) {
                       + 'and send its API key (cookie bluesky_httpserver_api_key, ?api_key= '
                       + 'or an Authorization header)');
     }
-    const opts = {args: key ? 'api_key=' + key : ''};
     let replies;
     try {
-        replies = await Promise.all([r.subrequest('/_auth/whoami', opts),
-                                     r.subrequest('/_auth/scopes', opts)]);
+        replies = await Promise.all([r.subrequest('/_auth/whoami'),
+                                     r.subrequest('/_auth/scopes')]);
     } catch (e) {
         return refuse(r, 500, 'the credentials cannot be checked: ' + e);
     }
@@ -99,6 +98,14 @@ async function check(r) {
     r.return(200);
 }
 
+// $bl_upstream_auth: the Authorization header of the questions to httpserver: the
+// request's ?api_key= as "ApiKey <key>" (not in a URL, which httpserver would log), else
+// the request's own header. The Cookie header goes along as it is.
+function upstreamAuthorization(r) {
+    const key = r.variables.bl_api_key;
+    return key ? 'ApiKey ' + key : (r.headersIn.Authorization || '');
+}
+
 // $bl_seat_uri: what the seat is asked for: the normalized path nginx checked (r.uri),
 // without the /ophyd prefix, re-encoded, and the query without api_key, so the user's key
 // never reaches the seat.
@@ -110,4 +117,4 @@ function seatUri(r) {
     return path + (kept.length ? '?' + kept.join('&') : '');
 }
 
-export default {check, seatUri};
+export default {check, seatUri, upstreamAuthorization};
