@@ -41,10 +41,11 @@ sys.path.insert(0, str(REPO / "clients" / "nginx"))
 import httpserver_config  # noqa: E402  clients/ is not a package
 import nginx_config  # noqa: E402
 
-#: This process's venv (uvicorn for httpserver, run as this process's account).
-VENV_BIN = Path(sys.executable).parent
 #: nginx runs unprivileged: as Debian's www-data when started by root.
 NGINX_USER = "www-data" if os.getuid() == 0 else None
+#: bluesky-httpserver runs as the queue's account (the dictionary provider needs no more;
+#: PAM would need its group ``shadow``).
+HTTPSERVER_USER = "bluesky" if os.getuid() == 0 else None
 #: Where nginx's certificate is valid; clients use the first.
 CERT_NAMES = ("localhost", "127.0.0.1")
 #: The provider name of httpserver_config.dictionary_provider (demo and tests).
@@ -112,9 +113,10 @@ def httpserver(state: Path, log: Path, *, lock_config, passwords: Mapping[str, s
                port: int | None = None, user: str | None = None,
                access_token_max_age: float | None = None) -> Service:
     """bluesky-httpserver as its docs say: ``uvicorn bluesky_httpserver.server:app`` with
-    ``QSERVER_HTTP_SERVER_CONFIG``; roles from ``lock_config`` (a ``Config``), passwords
-    from ``passwords`` (dictionary provider ``local``). The token-signing secret and the
-    database of sessions and API keys live in ``state`` and survive restarts."""
+    ``QSERVER_HTTP_SERVER_CONFIG``, from the installation, as OS account ``user``; roles
+    from ``lock_config`` (a ``Config``), passwords from ``passwords`` (dictionary provider
+    ``local``). The token-signing secret and the database of sessions and API keys live in
+    ``state`` (``user``'s own) and survive restarts."""
     port = port or free_port()
     config = state / "config.yml"
     secret = state / "secret"
@@ -138,12 +140,12 @@ def httpserver(state: Path, log: Path, *, lock_config, passwords: Mapping[str, s
                PYTHONUNBUFFERED="1")
     return Service(
         "bluesky-httpserver",
-        [str(VENV_BIN / "uvicorn"), "--host", "127.0.0.1", "--port", str(port),
+        [str(installation().script("uvicorn")), "--host", "127.0.0.1", "--port", str(port),
          "bluesky_httpserver.server:app"],
         env, {"http": port},
         # /api/auth/scopes answers without the RE Manager (200, empty for no credentials).
         lambda: _http_ok(f"http://127.0.0.1:{port}/api/auth/scopes"),
-        log, cwd=state.parent, user=user, prepare=prepare)
+        log, cwd=state, user=user, prepare=prepare)
 
 
 def seat(net: CANetwork, log: Path, *, web_user: str, lock_prefix: str,
@@ -219,7 +221,7 @@ class RemoteStack:
         self.workdir = workdir
         # Runtime directories, each only its service's account may use (tmp_path is
         # private to this process's account).
-        self.state = {"httpserver": user_dir(None, "httpserver"),
+        self.state = {"httpserver": user_dir(HTTPSERVER_USER, "httpserver"),
                       "nginx": user_dir(NGINX_USER, "nginx")}
         self.net = CANetwork()
         self.lock = LockIOC(self.net, workdir, prefix=self.LOCK,
@@ -266,7 +268,7 @@ class RemoteStack:
         hs = httpserver(self.state["httpserver"], logs / "httpserver.log",
                         lock_config=load(self.lock.config), passwords=self.passwords,
                         observers=self.observers, zmq_control=self.manager.control_addr,
-                        zmq_info=self.manager.info_addr,
+                        zmq_info=self.manager.info_addr, user=HTTPSERVER_USER,
                         access_token_max_age=self.access_token_max_age)
         self.services["httpserver"] = hs
         for user in self.web_users:

@@ -12,9 +12,11 @@ nginx, ``caput`` as OS users.
 from __future__ import annotations
 
 import json
+import pwd
 import ssl
 import urllib.error
 import urllib.request
+from pathlib import Path
 
 import pytest
 from bluesky_queueserver_api import BPlan
@@ -75,6 +77,33 @@ def get(url: str, context: ssl.SSLContext | None = None):
 
 
 # ---- the door ---------------------------------------------------------------------------
+def accounts_of(stack, name: str) -> set[str]:
+    """OS accounts of the processes of a service's process group (``runuser``, which
+    starts it as its account, left out)."""
+    pgid = stack.running[name].proc.pid
+    found = set()
+    for entry in Path("/proc").iterdir():
+        try:
+            stat = (entry / "stat").read_text()
+            status = (entry / "status").read_text()
+        except OSError:
+            continue
+        fields = stat[stat.rfind(")") + 2:].split()
+        comm = stat[stat.index("(") + 1:stat.rfind(")")]
+        if int(fields[2]) == pgid and comm != "runuser":
+            uid = int(next(line for line in status.splitlines()
+                           if line.startswith("Uid:")).split()[1])
+            found.add(pwd.getpwuid(uid).pw_name)
+    return found
+
+
+def test_each_service_runs_as_its_own_unprivileged_account(stack):
+    assert accounts_of(stack, "nginx") == {"www-data"}
+    assert accounts_of(stack, "httpserver") == {"bluesky"}
+    for user in ("alice", "bob", "operator", "observer"):
+        assert accounts_of(stack, f"seat:{user}") == {user}
+
+
 def test_http_redirects_to_https_and_the_static_root_serves_the_placeholder(stack):
     class NoRedirect(urllib.request.HTTPRedirectHandler):
         def redirect_request(self, *args, **kwargs):
