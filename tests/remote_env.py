@@ -60,33 +60,33 @@ WEB_USERS = ("alice", "bob", "operator", "observer")
 
 @dataclasses.dataclass
 class Service:
-    """One server process, described once: what runs, as whom, where it listens, when it
-    is ready, how it stops, and what must exist before it starts."""
+    """One server process, described once: what runs, as whom, where it listens, what
+    must exist before it starts, when it is ready, how long it may take to stop. The same
+    fields as the launcher's ``demo.services.Service``."""
 
     name: str
     argv: list[str]
     env: dict[str, str]
-    ports: dict[str, int]
-    ready: Callable[[], bool]
-    log: Path
-    cwd: Path = REPO
     #: OS account it runs as (like systemd's ``User=``); None: the caller's.
     user: str | None = None
-    #: Writes configuration, certificates, ... right before each start.
-    prepare: Callable[[], None] | None = None
+    cwd: Path | None = None
+    ports: dict[str, int] = dataclasses.field(default_factory=dict)
+    #: Made before each start: ``.make(user)`` (a rendered config, a certificate ...).
+    files: list = dataclasses.field(default_factory=list)
+    ready: Callable[[], bool] | None = None
     ready_timeout: float = 90.0
     stop_timeout: float = 10.0
 
 
-def start(service: Service) -> Child:
-    """Start ``service`` in its own process group and wait until it is ready. TERM then
-    KILL to the group (``Child.stop``) ends it with every child."""
-    if service.prepare is not None:
-        service.prepare()
+def start(service: Service, log: Path) -> Child:
+    """Start ``service`` in its own process group, its output in ``log``, and wait until
+    it is ready. TERM then KILL to the group (``Child.stop``) ends it with every child."""
+    for item in service.files:
+        item.make(service.user)
     child = Child(service.name, as_user(service.user, service.argv), env=service.env,
-                  log=service.log, cwd=service.cwd).start()
+                  log=log, cwd=service.cwd).start()
     try:
-        child.wait_ready(service.ready, service.ready_timeout)
+        child.wait_ready(service.ready or (lambda: True), service.ready_timeout)
     except BaseException:
         child.stop(service.stop_timeout)
         raise
@@ -102,54 +102,86 @@ def account_env(env: Mapping[str, str], user: str | None) -> dict[str, str]:
     return out
 
 
-def _http_ok(url: str, context: ssl.SSLContext | None = None) -> bool:
-    with urllib.request.urlopen(url, timeout=2, context=context) as answer:
-        return answer.status == 200
+def http_ready(url: str, ca_file: Path | None = None) -> Callable[[], bool]:
+    """Ready when GET ``url`` answers 200 (HTTPS verified against ``ca_file``)."""
+    def check() -> bool:
+        context = ssl.create_default_context(cafile=str(ca_file)) if ca_file else None
+        with urllib.request.urlopen(url, timeout=2, context=context) as answer:
+            return answer.status == 200
+    return check
+
+
+# ---- files made before a start ---------------------------------------------------------
+@dataclasses.dataclass
+class HttpserverState:
+    """httpserver's state directory: its config (rendered at every start), the token-
+    signing secret (made once, kept: logins and keys survive restarts; it reaches the
+    process as ``QSERVER_HTTP_SERVER_SERVER_SECRET_KEYS``), the database's place."""
+
+    state: Path
+    config_text: str
+    env: dict[str, str]
+
+    def make(self, user: str | None) -> None:
+        self.state.mkdir(parents=True, exist_ok=True)
+        (self.state / "config.yml").write_text(self.config_text)
+        secret = self.state / "secret"
+        if not secret.exists():
+            secret.write_text(secrets.token_hex(32))
+            secret.chmod(0o600)
+        self.env["QSERVER_HTTP_SERVER_SERVER_SECRET_KEYS"] = secret.read_text().strip()
+        if user is not None:
+            subprocess.run(["chown", "-R", f"{user}:", str(self.state)], check=True)
+
+
+@dataclasses.dataclass
+class NginxRuntime:
+    """nginx's runtime directory (clients/nginx/nginx_config.py): config, auth.js, static
+    root, the local CA and certificate made at the first start; checked with ``nginx -t``
+    as the account that runs it."""
+
+    state: Path
+    cert_names: tuple[str, ...]
+    render_args: dict
+
+    def make(self, user: str | None) -> None:
+        conf = nginx_config.prepare(self.state, cert_names=self.cert_names, owner=user,
+                                    **self.render_args)
+        checked = nginx_config.check_config(conf, user)
+        if checked.returncode != 0:
+            raise RuntimeError(f"nginx -t rejected {conf}:\n{checked.stderr}")
 
 
 # ---- the services ----------------------------------------------------------------------
-def httpserver(state: Path, log: Path, *, lock_config, passwords: Mapping[str, str],
+def httpserver(state: Path, *, lock_config, passwords: Mapping[str, str],
                observers: Iterable[str], zmq_control: str, zmq_info: str,
                port: int | None = None, user: str | None = None,
                access_token_max_age: float | None = None) -> Service:
     """bluesky-httpserver as its docs say: ``uvicorn bluesky_httpserver.server:app`` with
     ``QSERVER_HTTP_SERVER_CONFIG``, from the installation, as OS account ``user``; roles
     from ``lock_config`` (a ``Config``), passwords from ``passwords`` (dictionary provider
-    ``local``). The token-signing secret and the database of sessions and API keys live in
-    ``state`` (``user``'s own) and survive restarts."""
+    ``local``). Its secret and its database of sessions and API keys live in ``state``."""
     port = port or free_port()
-    config = state / "config.yml"
-    secret = state / "secret"
     settings = httpserver_config.render(
         lock_config, provider=httpserver_config.dictionary_provider(passwords),
         observers=observers, access_token_max_age=access_token_max_age)
-
-    def prepare() -> None:
-        state.mkdir(parents=True, exist_ok=True)
-        config.write_text(httpserver_config.dump(settings, str(lock_config.source)))
-        if not secret.exists():
-            secret.write_text(secrets.token_hex(32))
-            secret.chmod(0o600)
-        env["QSERVER_HTTP_SERVER_SERVER_SECRET_KEYS"] = secret.read_text().strip()
-        if user is not None:
-            subprocess.run(["chown", "-R", f"{user}:", str(state)], check=True)
-
     env = account_env(os.environ, user)
-    env.update(QSERVER_HTTP_SERVER_CONFIG=str(config), BLUESKY_HTTPSERVER_STATE=str(state),
-               QSERVER_ZMQ_CONTROL_ADDRESS=zmq_control, QSERVER_ZMQ_INFO_ADDRESS=zmq_info,
-               PYTHONUNBUFFERED="1")
+    env.update(QSERVER_HTTP_SERVER_CONFIG=str(state / "config.yml"),
+               BLUESKY_HTTPSERVER_STATE=str(state), QSERVER_ZMQ_CONTROL_ADDRESS=zmq_control,
+               QSERVER_ZMQ_INFO_ADDRESS=zmq_info, PYTHONUNBUFFERED="1")
     return Service(
         "bluesky-httpserver",
         [str(installation().script("uvicorn")), "--host", "127.0.0.1", "--port", str(port),
          "bluesky_httpserver.server:app"],
-        env, {"http": port},
+        env, user=user, cwd=state, ports={"http": port},
+        files=[HttpserverState(state, httpserver_config.dump(settings, lock_config.source),
+                               env)],
         # /api/auth/scopes answers without the RE Manager (200, empty for no credentials).
-        lambda: _http_ok(f"http://127.0.0.1:{port}/api/auth/scopes"),
-        log, cwd=state, user=user, prepare=prepare)
+        ready=http_ready(f"http://127.0.0.1:{port}/api/auth/scopes"))
 
 
-def seat(net: CANetwork, log: Path, *, web_user: str, lock_prefix: str,
-         beamline_prefix: str, port: int | None = None, user: str | None = None) -> Service:
+def seat(net: CANetwork, *, web_user: str, lock_prefix: str, beamline_prefix: str,
+         port: int | None = None, user: str | None = None) -> Service:
     """One ophyd-websocket seat for ``web_user``: ``clients/websocket/seat.env``, lock
     session ``web:<web_user>``, listening on loopback only, run as OS account ``user``
     (the web user's own account, so that its CA identity is theirs) from the
@@ -168,31 +200,26 @@ def seat(net: CANetwork, log: Path, *, web_user: str, lock_prefix: str,
             return tuple(sorted(json.load(answer).get("devices", []))) == DEVICES
 
     return Service(f"ophyd-websocket seat of {web_user}",
-                   [str(inst.script("ophyd-websocket"))], env, {"http": port}, lists_devices,
-                   log, cwd=inst.share, user=user)
+                   [str(inst.script("ophyd-websocket"))], env, user=user, cwd=inst.share,
+                   ports={"http": port}, ready=lists_devices)
 
 
-def nginx(state: Path, log: Path, *, httpserver_port: int, seats: Mapping[str, int],
-          ca_context: Callable[[], ssl.SSLContext], http_port: int | None = None,
-          https_port: int | None = None, user: str | None = NGINX_USER) -> Service:
+def nginx(state: Path, *, httpserver_port: int, seats: Mapping[str, int],
+          http_port: int | None = None, https_port: int | None = None,
+          user: str | None = NGINX_USER) -> Service:
     """Debian's nginx as an unprivileged process (``user``) on loopback ports, its whole
     runtime directory in ``state`` (config, auth.js, static root, certificate made at the
     first start). Ready when ``/`` answers over TLS verified against its local CA."""
     http_port, https_port = http_port or free_port(), https_port or free_port()
-    conf = state / "nginx.conf"
-
-    def prepare() -> None:
-        nginx_config.prepare(state, cert_names=CERT_NAMES, owner=user, http_port=http_port,
-                             https_port=https_port, httpserver=f"127.0.0.1:{httpserver_port}",
-                             seats=seats, device_scope=httpserver_config.DEVICE_SCOPE)
-        checked = nginx_config.check_config(conf, user)
-        if checked.returncode != 0:
-            raise RuntimeError(f"nginx -t rejected {conf}:\n{checked.stderr}")
-
-    return Service("nginx", [nginx_config.NGINX, "-c", str(conf), "-e", "stderr"],
-                   account_env(os.environ, user), {"http": http_port, "https": https_port},
-                   lambda: _http_ok(f"https://{CERT_NAMES[0]}:{https_port}/", ca_context()),
-                   log, cwd=state, user=user, prepare=prepare, ready_timeout=20)
+    runtime = NginxRuntime(state, CERT_NAMES, dict(
+        http_port=http_port, https_port=https_port, httpserver=f"127.0.0.1:{httpserver_port}",
+        seats=dict(seats), device_scope=httpserver_config.DEVICE_SCOPE))
+    return Service("nginx", [nginx_config.NGINX, "-c", str(state / "nginx.conf"), "-e", "stderr"],
+                   account_env(os.environ, user), user=user, cwd=state,
+                   ports={"http": http_port, "https": https_port}, files=[runtime],
+                   ready=http_ready(f"https://{CERT_NAMES[0]}:{https_port}/",
+                                    state / "tls" / "ca.crt"),
+                   ready_timeout=20)
 
 
 # ---- the whole system ------------------------------------------------------------------
@@ -264,8 +291,7 @@ class RemoteStack:
     def describe(self) -> None:
         """Describe httpserver, the seats and nginx (ports fixed from here on)."""
         from lock_ioc.config import load
-        logs = self.workdir
-        hs = httpserver(self.state["httpserver"], logs / "httpserver.log",
+        hs = httpserver(self.state["httpserver"],
                         lock_config=load(self.lock.config), passwords=self.passwords,
                         observers=self.observers, zmq_control=self.manager.control_addr,
                         zmq_info=self.manager.info_addr, user=HTTPSERVER_USER,
@@ -273,15 +299,18 @@ class RemoteStack:
         self.services["httpserver"] = hs
         for user in self.web_users:
             self.services[f"seat:{user}"] = seat(
-                self.net, logs / f"seat-{user}.log", web_user=user, lock_prefix=self.LOCK,
+                self.net, web_user=user, lock_prefix=self.LOCK,
                 beamline_prefix=self.BEAMLINE, user=user if self.seat_users else None)
         self.services["nginx"] = nginx(
-            self.state["nginx"], logs / "nginx.log", httpserver_port=hs.ports["http"],
-            seats={u: self.services[f"seat:{u}"].ports["http"] for u in self.web_users},
-            ca_context=self.ssl_context)
+            self.state["nginx"], httpserver_port=hs.ports["http"],
+            seats={u: self.services[f"seat:{u}"].ports["http"] for u in self.web_users})
+
+    def log(self, name: str) -> Path:
+        """Where service ``name`` ("httpserver", "seat:alice", "nginx") writes its output."""
+        return self.workdir / f"{name.replace(':', '-')}.log"
 
     def start_service(self, name: str) -> Child:
-        self.running[name] = start(self.services[name])
+        self.running[name] = start(self.services[name], self.log(name))
         return self.running[name]
 
     def stop_service(self, name: str) -> None:
@@ -355,6 +384,17 @@ class RemoteStack:
             return api.apikey_new(expires_in=expires_in, scopes=scopes)["secret"]
         finally:
             api.close()
+
+    def subscribes(self, **socket_args) -> bool:
+        """A PV socket through nginx (``socket()``'s arguments) opens, and the seat behind
+        answers a subscription to the lock's State."""
+        client = self.socket("pv-socket", **socket_args)
+        try:
+            answer = client.request({"action": "subscribe", "pvs": [self.LOCK + "State"]},
+                                    lambda m: m.get("action") == "subscribe")
+            return answer["subscribed"] == [self.LOCK + "State"]
+        finally:
+            client.close()
 
     def socket(self, path: str, *, api_key: str | None = None,
                headers: Mapping[str, str] | None = None) -> GatewaySocket:

@@ -204,7 +204,7 @@ def test_staff_queue_a_plan_through_https_it_runs_under_the_lock_and_nobody_else
 # ---- device sockets: who is who ---------------------------------------------------------
 def test_an_unauthenticated_socket_is_refused_by_nginx_before_the_seat(stack):
     from websockets.exceptions import InvalidStatus
-    seat_log = stack.services["seat:alice"].log
+    seat_log = stack.log("seat:alice")
     before = seat_log.read_text()
     for path in ("pv-socket", "device-socket"):
         with pytest.raises(InvalidStatus) as refused:
@@ -301,13 +301,7 @@ def test_a_browser_sends_its_key_as_a_cookie_and_other_sites_pages_are_refused(s
     from websockets.exceptions import InvalidStatus
     key = stack.api_key("alice")
     cookie = {"Cookie": f"bluesky_httpserver_api_key={key}"}
-    page = stack.socket("pv-socket", headers={**cookie, "Origin": stack.url})
-    try:
-        answer = page.request({"action": "subscribe", "pvs": [stack.LOCK + "State"]},
-                              reply("subscribe"))
-        assert answer["subscribed"] == [stack.LOCK + "State"]
-    finally:
-        page.close()
+    assert stack.subscribes(headers={**cookie, "Origin": stack.url})
     # A client that can set headers sends the key (or a bearer token) in Authorization.
     page = stack.socket("device-socket", headers={"Authorization": f"ApiKey {key}"})
     try:

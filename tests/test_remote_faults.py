@@ -42,17 +42,6 @@ def refused(stack, path: str, **kw) -> tuple[int, str]:
     return response.status_code, json.loads(response.body)["detail"]
 
 
-def subscribes(stack, **kw) -> bool:
-    """A WebSocket through nginx opens and its seat answers a subscription."""
-    client = stack.socket("pv-socket", **kw)
-    try:
-        answer = client.request({"action": "subscribe", "pvs": [stack.LOCK + "State"]},
-                                reply("subscribe"))
-        return answer["subscribed"] == [stack.LOCK + "State"]
-    finally:
-        client.close()
-
-
 def token_of(http, user: str, password: str) -> str:
     answer = http.post(f"/api/auth/provider/{PROVIDER}/token",
                        data={"username": user, "password": password})
@@ -134,11 +123,11 @@ def test_no_role_no_seat_and_other_paths_are_forbidden(stack, http):
     answer = http.get("/ophyd/api/v1/devices", params={"api_key": key, "x": "1"})
     assert answer.status_code == 200 and sorted(answer.json()["devices"])[0] == "beam"
     stack.socket("pv-socket", api_key=key).close()
-    seat_log = stack.services["seat:alice"].log.read_text()
+    seat_log = stack.log("seat:alice").read_text()
     assert '"GET /api/v1/devices?x=1 HTTP/1.1" 200' in seat_log
     access_log = (stack.state["nginx"] / "access.log").read_text()
     assert '"GET /ophyd/api/v1/pv-socket HTTP/1.1" 101' in access_log
-    for log in (seat_log, access_log, stack.services["httpserver"].log.read_text()):
+    for log in (seat_log, access_log, stack.log("httpserver").read_text()):
         assert key not in log
 
 
@@ -160,7 +149,7 @@ def test_httpserver_down_nginx_answers_502_and_device_sockets_fail_closed(stack,
     finally:
         stack.start_service("httpserver")
     # Sessions and API keys are in httpserver's database: the same key works again.
-    assert subscribes(stack, api_key=key)
+    assert stack.subscribes(api_key=key)
     assert api.status()["manager_state"] == "idle"
     api.close()
 
@@ -171,10 +160,10 @@ def test_a_seat_down_is_502_for_its_user_only(stack):
     try:
         assert refused(stack, "device-socket", api_key=alice) == (
             502, "the device server (ophyd-websocket seat) of alice does not answer")
-        assert subscribes(stack, api_key=bob)
+        assert stack.subscribes(api_key=bob)
     finally:
         stack.start_service("seat:alice")
-    assert subscribes(stack, api_key=alice)
+    assert stack.subscribes(api_key=alice)
 
 
 def test_re_manager_down_the_queue_says_so_and_devices_keep_working(stack):
@@ -187,7 +176,7 @@ def test_re_manager_down_the_queue_says_so_and_devices_keep_working(stack):
         assert str(failed.value).startswith(
             "408: Request timeout: ZMQ communication error: timeout occurred"), failed.value
         # The auth check asks httpserver only about credentials, never the RE Manager.
-        assert subscribes(stack, api_key=key)
+        assert stack.subscribes(api_key=key)
     finally:
         stack.manager.start(open_environment=False)
     assert api.status()["manager_state"] == "idle"
