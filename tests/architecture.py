@@ -2,10 +2,13 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 ARCH = Path(__file__).resolve().parent.parent / "docs" / "architecture"
 SCHEMA = ARCH / "service_architecture.schema.json"
+#: What a route's outside protocol may carry inside (TLS ends at the proxy).
+ROUTE_CARRIES = {"https": {"http", "https"}, "wss": {"websocket", "wss"}, "http": {"http"}}
 #: The seed's critical constraint: device monitoring never runs through the RE worker.
 FORBIDDEN_FOR_MONITORING = {("queue-server", "re-worker")}
 
@@ -60,4 +63,37 @@ def check_graph(specs: dict[str, dict]) -> list[str]:
                 if bad:
                     errors.append(f"{where}: device monitoring routed through "
                                   f"{'/'.join(sorted(bad)[0])}")
+    errors += check_routes(specs, provided)
     return errors
+
+
+def check_routes(specs: dict[str, dict], provided: dict[str, tuple[str, dict]]) -> list[str]:
+    """Every route of a proxy has a provider that this service requires (or is its own),
+    with a matching protocol, and none routes device monitoring through the RE worker."""
+    errors: list[str] = []
+    for name, spec in specs.items():
+        required = {r["id"] for r in spec["required_interfaces"]}
+        for route in spec.get("routes", []):
+            where = f"{name} route {route['location']} ({route['protocol']} {route['serves']})"
+            if route["serves"] not in provided:
+                errors.append(f"{where}: no service provides it")
+                continue
+            provider, iface = provided[route["serves"]]
+            if provider != name and route["serves"] not in required:
+                errors.append(f"{where}: provided by {provider}, but {name} does not "
+                              "require it")
+            if iface["protocol"] not in ROUTE_CARRIES.get(route["protocol"], set()):
+                errors.append(f"{where}: cannot carry {provider}'s {iface['protocol']}")
+            if "device-monitoring" in iface["carries"] and \
+                    (provider, iface["component"]) in FORBIDDEN_FOR_MONITORING:
+                errors.append(f"{where}: routes device monitoring through "
+                              f"{provider}/{iface['component']}")
+    return errors
+
+
+_LOCATION = re.compile(r"^\s*location\s+(.+?)\s*\{", re.MULTILINE)
+
+
+def nginx_locations(conf_text: str) -> set[str]:
+    """The locations an nginx configuration serves (named @error handlers left out)."""
+    return {loc for loc in _LOCATION.findall(conf_text) if not loc.startswith("@")}

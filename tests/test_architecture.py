@@ -7,11 +7,13 @@ import json
 import jsonschema
 import pytest
 
-from architecture import SCHEMA, check_graph, load_specs
+from architecture import SCHEMA, check_graph, load_specs, nginx_locations
 from epics_env import REPO
 from lock_ioc import contract
 
-SERVICES = {"queue-server", "device-monitoring", "coordination", "beamline-iocs"}
+SERVICES = {"queue-server", "device-monitoring", "coordination", "beamline-iocs",
+            "web-gateway"}
+NGINX_CONF = REPO / "clients" / "nginx" / "nginx.conf.in"
 
 
 def test_every_service_spec_matches_the_schema():
@@ -63,6 +65,51 @@ def test_graph_check_forbids_device_monitoring_through_the_re_worker():
     errors = _spec_with(reroute)
     assert any("device monitoring routed through queue-server/re-worker" in e
                for e in errors), errors
+
+
+def test_every_nginx_location_is_a_route_of_the_spec_and_back():
+    routes = {r["location"] for r in load_specs()["web-gateway"]["routes"]}
+    assert nginx_locations(NGINX_CONF.read_text()) == routes
+
+
+def test_graph_check_finds_an_nginx_route_without_a_provider():
+    def drop(specs):
+        specs["device-monitoring"]["provided_interfaces"] = [
+            i for i in specs["device-monitoring"]["provided_interfaces"]
+            if i["id"] != "ows-device-socket"]
+    errors = _spec_with(drop)
+    assert "web-gateway route /ophyd/ (wss ows-device-socket): no service provides it" \
+        in errors, errors
+
+
+def test_graph_check_finds_a_route_to_an_interface_the_proxy_does_not_require():
+    def add(specs):
+        specs["web-gateway"]["routes"].append(
+            {"location": "/zmq/", "protocol": "https", "serves": "qserver-zmq-control",
+             "admission": "public", "description": "wrong"})
+    errors = _spec_with(add)
+    assert any("route /zmq/ (https qserver-zmq-control): provided by queue-server, but "
+               "web-gateway does not require it" in e for e in errors), errors
+    assert any("route /zmq/ (https qserver-zmq-control): cannot carry queue-server's zmq"
+               in e for e in errors), errors
+
+
+def test_graph_check_forbids_an_nginx_route_to_device_monitoring_through_the_re_worker():
+    def reroute(specs):
+        specs["queue-server"]["provided_interfaces"].append(
+            {"id": "worker-devices", "protocol": "websocket", "endpoint": "ws://worker",
+             "format": "ophyd-websocket-pv/v1", "direction": "both", "component": "re-worker",
+             "carries": ["device-monitoring"], "description": "not allowed"})
+        specs["web-gateway"]["required_interfaces"].append(
+            {"id": "worker-devices", "provider": "queue-server", "protocol": "websocket",
+             "format": "ophyd-websocket-pv/v1", "via": "nginx", "carries": ["coordination"],
+             "purpose": "not allowed"})
+        specs["web-gateway"]["routes"].append(
+            {"location": "/worker/", "protocol": "wss", "serves": "worker-devices",
+             "admission": "auth-check", "description": "not allowed"})
+    errors = _spec_with(reroute)
+    assert "web-gateway route /worker/ (wss worker-devices): routes device monitoring " \
+           "through queue-server/re-worker" in errors, errors
 
 
 def test_lock_interface_refers_to_the_contract_in_code():
