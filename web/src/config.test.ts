@@ -6,23 +6,23 @@ describe("config", () => {
     const cfg = DEFAULT_CONFIG;
     expect(apiUrl(cfg, "/queue/get")).toBe("api/queue/get");
     expect(owsSocketUrl(cfg, "alice", "pv-socket", "https://bl.example/", "k1"))
-      .toBe("wss://bl.example/ows/api/v1/pv-socket");
+      .toBe("wss://bl.example/ophyd/api/v1/pv-socket");
     expect(owsSocketUrl(cfg, "alice", "device-socket", "http://127.0.0.1:8080/x/index.html", "k1"))
-      .toBe("ws://127.0.0.1:8080/x/ows/api/v1/device-socket");
+      .toBe("ws://127.0.0.1:8080/x/ophyd/api/v1/device-socket");
   });
 
   it("follows a per-user seat prefix and query authentication", () => {
-    const cfg = mergeConfig(DEFAULT_CONFIG, { owsBase: "/ows/{user}/", owsAuth: "query" });
+    const cfg = mergeConfig(DEFAULT_CONFIG, { owsBase: "/seats/{user}/", owsAuth: "query" });
     expect(owsSocketUrl(cfg, "bob", "pv-socket", "https://bl.example/", "abc"))
-      .toBe("wss://bl.example/ows/bob/api/v1/pv-socket?api_key=abc");
+      .toBe("wss://bl.example/seats/bob/api/v1/pv-socket?api_key=abc");
     expect(owsCookie(cfg, "bob", "abc", "https://bl.example/")).toBeNull();
   });
 
   it("limits the API key cookie to the ophyd-websocket routes", () => {
     const cookie = owsCookie(DEFAULT_CONFIG, "alice", "abc", "https://bl.example/");
-    expect(cookie).toBe("bluesky_httpserver_api_key=abc; Path=/ows/; Max-Age=28800; SameSite=Strict; Secure");
+    expect(cookie).toBe("bluesky_httpserver_api_key=abc; Path=/ophyd/; Max-Age=28800; SameSite=Strict; Secure");
     expect(owsCookie(DEFAULT_CONFIG, "alice", null, "https://bl.example/"))
-      .toBe("bluesky_httpserver_api_key=; Path=/ows/; Max-Age=0; SameSite=Strict; Secure");
+      .toBe("bluesky_httpserver_api_key=; Path=/ophyd/; Max-Age=0; SameSite=Strict; Secure");
   });
 
   it("rejects a config.json value of the wrong type, ignores unknown keys", () => {

@@ -8,7 +8,7 @@
 export interface DeviceConfig {
   /** ophyd-websocket device name (clients/startup/10-devices.py). */
   name: string;
-  kind: "motor" | "shutter" | "detector" | "readonly";
+  kind: "motor" | "shutter" | "detector" | "beam";
   label: string;
 }
 
@@ -60,9 +60,9 @@ export interface AppConfig {
 
 export const DEFAULT_CONFIG: AppConfig = {
   apiBase: "api",
-  authProvider: "toy",
+  authProvider: "pam",
   sessionSeconds: 8 * 3600,
-  owsBase: "ows",
+  owsBase: "ophyd",
   owsAuth: "cookie",
   apiKeyCookie: "bluesky_httpserver_api_key",
   lockPrefix: "BL:LOCK:",
@@ -79,7 +79,7 @@ export const DEFAULT_CONFIG: AppConfig = {
     { name: "m1", kind: "motor", label: "Motor m1" },
     { name: "m2", kind: "motor", label: "Motor m2" },
     { name: "det", kind: "detector", label: "Detector" },
-    { name: "beam", kind: "readonly", label: "Beam" },
+    { name: "beam", kind: "beam", label: "Beam" },
   ],
 };
 
