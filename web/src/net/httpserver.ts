@@ -15,10 +15,10 @@ export class ApiError extends Error {
 /** The API key is no longer accepted (expired or revoked): log in again. */
 export class SessionExpired extends ApiError {}
 
-/** No answer from httpserver (connection refused, nginx 502/503/504). */
+/** No answer from httpserver (connection refused, nginx 502/503/504, a bare 5xx page). */
 export class Unreachable extends Error {
   constructor(why: string) {
-    super(`queue server unreachable (${why})`);
+    super(why.startsWith("queue server unreachable") ? why : `queue server unreachable (${why})`);
   }
 }
 
@@ -53,15 +53,18 @@ async function call(fetcher: Fetch, url: string, init: RequestInit): Promise<unk
   } catch (err) {
     throw new Unreachable(err instanceof Error ? err.message : String(err));
   }
-  if ([502, 503, 504].includes(response.status)) {
-    throw new Unreachable(`HTTP ${response.status}`);
-  }
   const text = await response.text();
   let body: unknown = null;
+  let json = true;
   try {
     body = text ? JSON.parse(text) : null;
   } catch {
+    json = false;
     body = { detail: text.slice(0, 300) };
+  }
+  // nginx's answer for a dead upstream, or a server that is not httpserver at all.
+  if ([502, 503, 504].includes(response.status) || (response.status >= 500 && !json)) {
+    throw new Unreachable(json ? detailText(body, `HTTP ${response.status}`) : `HTTP ${response.status}`);
   }
   if (response.status === 401) {
     throw new SessionExpired(401, detailText(body, "not authenticated"));
