@@ -16,6 +16,9 @@ describe("lock view", () => {
     expect(writeGate(view, "web:alice", NAMES, false)).toEqual(
       { allowed: false, reason: "held by bluesky queue: scan, 12 min left" });
     expect(writeGate(view, "web:alice", NAMES, true).allowed).toBe(false);
+    // The queue guard's own note names the queue already (measured: "bluesky queue: count").
+    page.set("Note", "bluesky queue: count", 103);
+    expect(heldText(page.view.holder!, NAMES)).toBe("held by bluesky queue: count, 12 min left");
   });
 
   it("shows no note of an earlier holder when the new holder declared none", () => {

@@ -129,11 +129,16 @@ export function duration(seconds: number): string {
   return `${Math.floor(min / 60)} h ${String(min % 60).padStart(2, "0")} min`;
 }
 
-/** "held by bluesky queue: scan, 12 min left". */
+/**
+ * "held by bluesky queue: scan, 12 min left". A note that already starts with the
+ * holder's name (the queue guard's "bluesky queue: count") is not repeated.
+ */
 export function heldText(holder: Holder, names: Names): string {
-  const note = holder.note ? `: ${holder.note}` : "";
+  const name = holderName(holder, names);
+  const bare = holder.note?.startsWith(`${name}: `) ? holder.note.slice(name.length + 2) : holder.note;
+  const note = bare ? `: ${bare}` : "";
   const left = holder.remaining !== null ? `, ${duration(holder.remaining)} left` : "";
-  return `held by ${holderName(holder, names)}${note}${left}`;
+  return `held by ${name}${note}${left}`;
 }
 
 export interface WriteGate { allowed: boolean; reason: string }

@@ -15,7 +15,14 @@ function shown(store: PvStore, signal: string, digits = 3): string {
   const rec = record(store, signal);
   if (!rec.hasValue) return "…";
   const v = rec.value;
-  return typeof v === "number" ? v.toFixed(digits) : String(v);
+  if (typeof v !== "number") return String(v);
+  return Number.isInteger(v) ? String(v) : v.toFixed(digits);
+}
+
+/** A motor position: always 3 decimals (a readback of 0 reads 0.000 mm). */
+function fixed(store: PvStore, signal: string): string {
+  const v = record(store, signal).value;
+  return typeof v === "number" ? v.toFixed(3) : shown(store, signal);
 }
 
 function Result({ id, result }: { id: string; result?: SetResult }) {
@@ -50,9 +57,9 @@ function Motor({ cfg, device, devices, lock, gate, online }: RowProps) {
   return (
     <form className="device" onSubmit={move} aria-labelledby={`${name}-label`}>
       <h3 id={`${name}-label`}>{device.label}</h3>
-      <p className="reading"><span id={`${name}-readback`}>{shown(devices.store, `${name}_readback`)}</span> {units}
+      <p className="reading"><span id={`${name}-readback`}>{fixed(devices.store, `${name}_readback`)}</span> {units}
         {moving && <span className="moving" id={`${name}-moving`}> moving</span>}
-        <span className="muted"> (setpoint {shown(devices.store, `${name}_setpoint`)})</span></p>
+        <span className="muted"> (setpoint {fixed(devices.store, `${name}_setpoint`)})</span></p>
       <div className="row">
         <label htmlFor={`${name}-target`} className="inline">Target</label>
         <input id={`${name}-target`} type="number" step="any" value={target} className="narrow"

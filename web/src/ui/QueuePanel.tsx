@@ -55,7 +55,7 @@ function AddPlan({ queue }: { queue: QueueApi }) {
       {fields.map((field) => (
         <div className="field" key={field.name}>
           <label htmlFor={`param-${field.name}`}>{field.name}{field.required ? " *" : ""}</label>
-          <input id={`param-${field.name}`} value={texts[field.name] ?? ""} placeholder={field.hint}
+          <input id={`param-${field.name}`} value={texts[field.name] ?? ""}
                  aria-describedby={`param-${field.name}-hint`}
                  onChange={(e) => setTexts({ ...texts, [field.name]: e.target.value })} />
           <span id={`param-${field.name}-hint`} className="hint muted">{field.hint}</span>
@@ -98,13 +98,17 @@ export function QueuePanel({ queue }: { queue: QueueApi }) {
       </div>
       {answer && <p className="error" role="alert" id="queue-answer">{answer}</p>}
 
+      <div className="queue-grid">
+      <div>
       <h3>Running</h3>
       <p id="queue-running">{queue.running ? <code>{itemText(queue.running)}</code>
         : <span className="muted">nothing</span>}</p>
       <Items id="queue-items" label="Queue" items={queue.queue} empty="The queue is empty." />
       <Items id="queue-history" label="History (newest first)" items={queue.history.slice(0, 10)}
              empty="No plans have run." />
+      </div>
       <AddPlan queue={queue} />
+      </div>
       <h3 id="console-title">Console output</h3>
       <pre id="queue-console" ref={consoleRef} className="console" tabIndex={0}
            aria-labelledby="console-title">{queue.console}</pre>
