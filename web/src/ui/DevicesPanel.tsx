@@ -14,6 +14,7 @@ import { Action, Panel } from "./finch";
 function shown(store: PvStore, signal: string, digits = 3): string {
   const rec = record(store, signal);
   if (!rec.hasValue) return "…";
+  if (!rec.connected) return "disconnected";
   const v = rec.value;
   if (typeof v !== "number") return String(v);
   return Number.isInteger(v) ? String(v) : v.toFixed(digits);
@@ -21,8 +22,8 @@ function shown(store: PvStore, signal: string, digits = 3): string {
 
 /** A motor position: always 3 decimals (a readback of 0 reads 0.000 mm). */
 function fixed(store: PvStore, signal: string): string {
-  const v = record(store, signal).value;
-  return typeof v === "number" ? v.toFixed(3) : shown(store, signal);
+  const rec = record(store, signal);
+  return typeof rec.value === "number" && rec.connected ? rec.value.toFixed(3) : shown(store, signal);
 }
 
 function Result({ id, result }: { id: string; result?: SetResult }) {
@@ -77,7 +78,8 @@ function Motor({ cfg, device, devices, lock, gate, online }: RowProps) {
 function Shutter({ device, devices, gate, online }: RowProps) {
   const name = device.name;
   const status = record(devices.store, `${name}_status`);
-  const text = !status.hasValue ? "…" : status.value === 1 || status.value === "Open" ? "Open" : "Closed";
+  const text = !status.hasValue ? "…" : !status.connected ? "disconnected"
+    : status.value === 1 || status.value === "Open" ? "Open" : "Closed";
   return (
     <div className="device" role="group" aria-labelledby={`${name}-label`}>
       <h3 id={`${name}-label`}>{device.label}</h3>
