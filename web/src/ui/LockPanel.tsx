@@ -13,7 +13,7 @@ function outcomeText(outcome: Outcome | null, message: string): string {
     case "waiting": return "Asked for the lock; waiting for its answer…";
     case "refused": return `Take refused: ${outcome.message}`;
     case "no-grant": return `No grant: ${message || "the lock did not answer"}`;
-    case "ended": return `Your lock ended: ${message}`;
+    case "ended": return "Your lock ended: see the last lock message above.";
     case "released": return "You released the lock.";
     default: return "";
   }
