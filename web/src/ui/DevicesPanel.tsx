@@ -66,8 +66,9 @@ function Motor({ cfg, device, devices, lock, gate, online }: RowProps) {
         <input id={`${name}-target`} type="number" step="any" value={target} className="narrow"
                onChange={(e) => setTarget(e.target.value)} aria-describedby="devices-gate" />
         <button type="submit" id={`${name}-move`} className="submit"
-                disabled={!gate.allowed || !online || !valid} aria-describedby="devices-gate">Move</button>
-        <Action text="Stop" tone="safe" disabled={!lock.socketOpen}
+                disabled={!gate.allowed || !online || !valid} aria-describedby="devices-gate"
+                aria-label={`Move ${device.label}`}>Move</button>
+        <Action text="Stop" label={`Stop ${device.label}`} tone="safe" disabled={!lock.socketOpen}
                 title="Stop is never refused by the lock" onClick={() => lock.putPv(stopPv, 1)} />
       </div>
       <Result id={`${name}-result`} result={devices.results[name]} />
@@ -85,9 +86,9 @@ function Shutter({ device, devices, gate, online }: RowProps) {
       <h3 id={`${name}-label`}>{device.label}</h3>
       <p className="reading" id={`${name}-status`}>{text}</p>
       <div className="row">
-        <Action text="Open" disabled={!gate.allowed || !online} describedBy="devices-gate"
+        <Action text="Open" label={`Open ${device.label}`} disabled={!gate.allowed || !online} describedBy="devices-gate"
                 onClick={() => devices.set(name, "Open")} />
-        <Action text="Close" tone="safe" disabled={!online}
+        <Action text="Close" label={`Close ${device.label}`} tone="safe" disabled={!online}
                 title="Closing the shutter is never refused by the lock"
                 onClick={() => devices.set(name, "Close")} />
       </div>

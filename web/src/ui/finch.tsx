@@ -17,15 +17,19 @@ export interface ActionProps {
   describedBy?: string;
   tone?: "primary" | "danger" | "safe" | "secondary";
   title?: string;
+  /** Accessible name when the text alone is ambiguous ("Stop" of which motor). */
+  label?: string;
 }
 
-export function Action({ text, onClick, disabled = false, describedBy, tone = "primary", title }: ActionProps) {
+export function Action({ text, onClick, disabled = false, describedBy, tone = "primary", title,
+                         label }: ActionProps) {
   // Colours: finch's Tailwind classes for the primary tone, styles.css (.action.tone-*)
   // for the others (finch.css holds only the classes finch itself uses).
   return (
     <FinchButton text={text} cb={onClick} disabled={disabled} type="button" size="small"
                  bgColor="bg-sky-700" hoverBgColor="hover:bg-sky-800"
-                 styles={`action tone-${tone}`} aria-describedby={describedBy} title={title} />
+                 styles={`action tone-${tone}`} aria-describedby={describedBy} title={title}
+                 aria-label={label} />
   );
 }
 
