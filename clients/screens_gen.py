@@ -44,6 +44,8 @@ class W:
     writing a lock command PV, value built from entries), ``write`` (a button writing a
     fixed number to a device PV), ``setpoint`` (numeric entry writing a device PV).
     pv: a lock contract suffix (``lock=True``) or a device suffix under ``$(DEV)``.
+    A device panel control is either ``gated`` (usable only while the viewer's gate is
+    1) or not: stop and make-safe buttons are never gated, whatever the lock says.
     """
 
     kind: str
@@ -65,6 +67,8 @@ class W:
     only: str = ""           # "bob" / "ui": a widget of one toolkit only ("" = both)
     gated: bool = False      # device panel: enabled only while the viewer's gate is 1
     units: str = ""
+    disconnected: str = ""   # readback: text while its PV is disconnected (PyDM; "" =
+                             # the channel address, which a narrow box would clip)
 
 
 #: What each command button writes, built from the screen's entries and readbacks.
@@ -85,6 +89,8 @@ LABEL_W, VALUE_X, VALUE_W = 130, 140, 470
 HISTORY_SHOWN = 5
 #: Phoebus text entries take typed text only on Enter (focus loss restores the old value).
 ENTER_HINT = "(press Enter in a field to apply what you typed)"
+#: What a disconnected State box says (PyDM), as lockctl does: the state is unknown.
+STATE_UNKNOWN = "Unknown"
 
 
 def _row(y: int, label: str, name: str, pv: str, *, lines: int = 1, units: str = "",
@@ -99,7 +105,7 @@ def lock_screen() -> list[W]:
     """The lock: who holds it, why, for how long; take, renew, release; operator actions."""
     ws = [W("title", "title", 10, 8, 600, 28, text="Beamline lock  $(P)"),
           W("label", "state_label", 10, 48, LABEL_W, 32, text="State"),
-          W("state", "state", VALUE_X, 48, 170, 32, pv="State"),
+          W("state", "state", VALUE_X, 48, 170, 32, pv="State", disconnected=STATE_UNKNOWN),
           W("label", "you", 330, 54, 280, 24, text="")]   # PyDM fills in "you: user@host"
     y = 90
     for label, name, pv, units in (("Owner", "owner", "Owner", ""),
@@ -150,36 +156,42 @@ def lock_screen() -> list[W]:
 
 
 def device_panel() -> list[W]:
-    """The simulated beamline (db/): controls usable only while the viewer's gate is 1."""
+    """The simulated beamline (db/): who holds the lock; controls usable only while the
+    viewer's gate is 1, except Stop and Close, which the lock never refuses."""
     ws = [W("title", "title", 10, 8, 560, 28, text="Beamline devices  $(DEV)"),
           W("label", "gate_label", 10, 44, 130, 24, text="Gate $(GROUP)"),
-          W("readback", "gate", 145, 44, 50, 24, pv=contract.gate_suffix("$(GROUP)")),
-          W("label", "lock_state_label", 250, 44, 70, 24, text="Lock"),
-          W("readback", "lock_state", 330, 44, 120, 24, pv="State"),
-          W("label", "command_heading", 120, 76, 190, 20, text="command (gated)"),
-          W("label", "readback_heading", 330, 76, 120, 20, text="readback"),
-          W("label", "moving_heading", 460, 76, 80, 20, text="moving"),
-          W("label", "shutter_label", 10, 102, 100, text="Shutter"),
-          W("write", "shutter_open", 120, 100, 90, 28, text="Open", pv="Shutter:Open",
+          W("readback", "gate", 145, 44, 50, 24, pv=contract.gate_suffix("$(GROUP)"),
+            disconnected="?"),
+          W("label", "lock_state_label", 265, 44, 70, 24, text="Lock"),
+          W("readback", "lock_state", 345, 44, 110, 24, pv="State",
+            disconnected=STATE_UNKNOWN),
+          W("label", "lock_owner_label", 10, 72, 130, 24, text="Held by"),
+          W("readback", "lock_owner", 145, 72, 425, 24, pv="Owner"),
+          W("label", "command_heading", 110, 104, 110, 20, text="gated"),
+          W("label", "safe_heading", 226, 104, 115, 20, text="never gated"),
+          W("label", "readback_heading", 345, 104, 110, 20, text="readback"),
+          W("label", "moving_heading", 470, 104, 80, 20, text="moving"),
+          W("label", "shutter_label", 10, 130, 100, text="Shutter"),
+          W("write", "shutter_open", 120, 128, 90, 28, text="Open", pv="Shutter:Open",
             lock=False, value="1", gated=True),
-          W("write", "shutter_close", 220, 100, 90, 28, text="Close", pv="Shutter:Open",
-            lock=False, value="0", gated=True),
-          W("readback", "shutter_status", 330, 102, 120, pv="Shutter:Status", lock=False)]
-    y = 140
+          W("write", "shutter_close", 226, 128, 84, 28, text="Close", pv="Shutter:Close",
+            lock=False, value="1"),
+          W("readback", "shutter_status", 345, 130, 110, pv="Shutter:Status", lock=False)]
+    y = 168
     for m in ("m1", "m2"):
         ws += [W("label", f"{m}_label", 10, y + 2, 100, text=f"Motor {m}"),
                W("setpoint", f"{m}_setpoint", 110, y, 110, 28, pv=m, lock=False, gated=True),
                W("write", f"{m}_stop", 226, y, 84, 28, text="Stop", pv=f"{m}:STOP",
-                 lock=False, value="1", gated=True),
-               W("readback", f"{m}_rbv", 330, y + 2, 120, pv=f"{m}:RBV", lock=False),
-               W("readback", f"{m}_movn", 460, y + 2, 60, pv=f"{m}:MOVN", lock=False)]
+                 lock=False, value="1"),
+               W("readback", f"{m}_rbv", 345, y + 2, 110, pv=f"{m}:RBV", lock=False),
+               W("readback", f"{m}_movn", 470, y + 2, 60, pv=f"{m}:MOVN", lock=False)]
         y += 40
     return ws
 
 
 SCREENS: dict[str, tuple[str, Callable[[], list[W]], tuple[int, int]]] = {
     "lock": ("Beamline lock", lock_screen, (620, 728)),
-    "devices": ("Beamline devices", device_panel, (580, 230)),
+    "devices": ("Beamline devices", device_panel, (580, 258)),
 }
 
 
@@ -476,6 +488,8 @@ def _pydm_widget(w: W, dx: int = 0, dy: int = 0) -> str:
             props += _prop("font", f"<font>{family}<pointsize>{8 if w.mono else 9}</pointsize>"
                                    "</font>")
         props += _prop("alarmSensitiveBorder", "<bool>true</bool>", False)
+        if w.disconnected:
+            props += _string("disconnectedText", w.disconnected, False)
         if w.kind == "state":
             props += _prop("alignment", "<set>Qt::AlignCenter</set>")
             props += _prop("font", "<font><pointsize>14</pointsize><weight>75</weight>"

@@ -1,7 +1,10 @@
 """``lock-ioc`` / ``python -m lock_ioc``: run the lock IOC.
 
 caproto's standard IOC flags (``--prefix``, ``--list-pvs``, ``--interfaces``, ``-v``,
-``-q``) plus ``--config FILE``. The prefix comes from ``--prefix``, else the config.
+``-q``) plus ``--config FILE``. The prefix comes from ``--prefix``, else the config;
+device IOCs' ACF must read the gates under the same prefix (``lockctl acf`` takes the
+same ``--config`` and ``--prefix``), and a ``--prefix`` other than the config's is
+logged as a warning that says so.
 """
 from __future__ import annotations
 
@@ -26,6 +29,14 @@ def _setup_logging(quiet: bool) -> None:
     logger.addHandler(handler)
     logger.propagate = False
     logger.setLevel(logging.WARNING if quiet else logging.INFO)
+
+
+def prefix_warning(prefix: str, config_prefix: str, config_file: str | None) -> str:
+    """Device IOCs read the gates under the prefix their ACF names: say which one."""
+    config_opt = f"--config {config_file} " if config_file else ""
+    return (f"serving under --prefix {prefix}, not the config's prefix {config_prefix}: "
+            f"device IOCs must read the gates there, with an ACF from "
+            f"`lockctl acf {config_opt}--prefix {prefix}`")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -55,9 +66,11 @@ def main(argv: list[str] | None = None) -> int:
     except StoreError as exc:
         print(f"lock-ioc: {exc}", file=sys.stderr)
         return 2
-    logging.getLogger("lock_ioc").info(
-        "serving %s* from %s; state in %s; groups: %s", ioc.prefix, config.source,
-        config.state, ", ".join(config.group_names))
+    log = logging.getLogger("lock_ioc")
+    log.info("serving %s* from %s; state in %s; groups: %s", ioc.prefix, config.source,
+             config.state, ", ".join(config.group_names))
+    if ioc.prefix != config.prefix:
+        log.warning("%s", prefix_warning(ioc.prefix, config.prefix, known.config))
     serve(ioc, interfaces=run_options["interfaces"], log_pv_names=run_options["log_pv_names"])
     return 0
 

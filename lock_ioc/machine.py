@@ -180,8 +180,9 @@ class LockMachine:
         if state.mode == DISABLED:
             raise Refused(f"{command}: refused: {self._disabled_text(state)}")
         if state.mode == FREE:
-            raise Refused(f"{command}: refused: the lock is not held "
-                          "(it is Free; a lease that ran out cannot be renewed)")
+            what = ("nothing to release" if command == "Release" else
+                    "acquire it again (a lease that ran out cannot be renewed)")
+            raise Refused(f"{command}: refused: the lock is not held (it is Free): {what}")
         if state.owner != caller or state.session != session:
             raise Refused(f"{command}: refused: you ({caller}, session {session}) do not hold "
                           f"the lock; it is {self.holder_text(state, now)}")
@@ -215,7 +216,7 @@ class LockMachine:
         reason = parse_reason(text, "Disable", required=True)
         self._operator(caller, "Disable")
         if state.mode == DISABLED:
-            raise Refused(f"Disable: refused: already {self._disabled_text(state)}")
+            raise Refused(f"Disable: refused: the lock is already disabled ({state.reason})")
         events = []
         if state.mode == HELD:
             events.append(Event(now, "force-released", caller, state.session, state.token,

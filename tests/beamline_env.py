@@ -12,17 +12,18 @@ DB = REPO / "db"
 
 
 class SoftIoc(Server):
-    """softIoc serving db/ under prefix ``prefix`` with an ACF generated from ``lock_config``.
+    """softIoc serving db/ under prefix ``prefix`` with an ACF generated from ``lock_config``
+    (or the given ``acf`` text, e.g. the output of ``lockctl acf``).
 
     stdin is a pipe kept open and ``-S`` starts no interactive shell, so the IOC runs
     until stop(), which signals its process group.
     """
 
     def __init__(self, net: CANetwork, workdir: Path, lock_config: Path, *,
-                 prefix: str = "TST:", port: int | None = None):
+                 prefix: str = "TST:", port: int | None = None, acf: str | None = None):
         self.prefix = prefix
         self.acf = workdir / "beamline.acf"
-        self.acf.write_text(render_acf(load(lock_config)))
+        self.acf.write_text(render_acf(load(lock_config)) if acf is None else acf)
         check = subprocess.run([tool("ascheck"), str(self.acf)], capture_output=True, text=True)
         assert check.returncode == 0, f"ascheck rejected the generated ACF:\n{check.stderr}"
         self.st_cmd = workdir / "st.cmd"

@@ -66,3 +66,38 @@ def test_ascheck_really_rejects_broken_files(tmp_path):
     """Guard against a checker that accepts anything."""
     assert ascheck(render_acf(load()).replace("RULE(1, READ)\n}", "RULE(1, READ"),
                    tmp_path).returncode != 0
+
+
+def test_safe_asg_lets_every_group_write_whatever_the_lock_says(tmp_path):
+    """Stop and make-safe records (ASG(SAFE)): no gate inputs, a level-0 WRITE rule per
+    group (its UAG, and its HAG if it has one): the value only, never links."""
+    acf = render_acf(config({"queue": {"users": ["bluesky"], "hosts": ["srv1"]},
+                             "staff": {"users": ["alice"]}}))
+    safe = acf.split("ASG(SAFE) {\n", 1)[1].split("\n}\n", 1)[0]
+    assert "INP" not in safe and "CALC" not in safe and "RULE(1, WRITE)" not in safe
+    assert safe.startswith("    RULE(1, READ)\n")
+    assert "    RULE(0, WRITE) {\n        UAG(queue)\n        HAG(queue)\n    }" in safe
+    assert "    RULE(0, WRITE) {\n        UAG(staff)\n    }" in safe
+    assert ascheck(acf, tmp_path).returncode == 0
+    named = render_acf(load(), "MOTORS", safe_asg="STOPS")
+    assert "ASG(STOPS) {" in named and "ASG(SAFE)" not in named
+    assert ascheck(named, tmp_path).returncode == 0
+
+
+@pytest.mark.parametrize("asg, safe, error", [
+    ("GATED", "GATED", "the gated and the safe ASG must differ"),
+    ("GATED", "DEFAULT", "invalid safe ASG name 'DEFAULT'"),
+    ("GATED", "1X", "invalid safe ASG name '1X'"),
+])
+def test_bad_safe_asg_is_a_clear_error(asg, safe, error):
+    with pytest.raises(AcfError, match=error):
+        render_acf(load(), asg, safe_asg=safe)
+
+
+def test_prefix_given_is_the_prefix_the_gates_are_read_from(tmp_path):
+    acf = render_acf(load(), prefix="XF:31ID:LOCK:")
+    assert 'INPB("XF:31ID:LOCK:Gate:staff")' in acf and "BL:LOCK:Gate" not in acf
+    assert "served under prefix XF:31ID:LOCK: (the config says BL:LOCK:)" in acf
+    assert ascheck(acf, tmp_path).returncode == 0
+    with pytest.raises(AcfError, match="invalid lock prefix 'has space'"):
+        render_acf(load(), prefix="has space")

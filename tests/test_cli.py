@@ -6,11 +6,12 @@ identities act through ``caput`` as real OS users.
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 
 
-from epics_env import ME, HOST, TEST_CONFIG, identity
+from epics_env import HOST, ME, REPO, TEST_CONFIG, identity
 
 MYSELF = f"{ME}@{HOST}"
 ALICE = identity("alice")
@@ -186,3 +187,60 @@ def test_acf_renders_the_access_security_file(net, tmp_path):
     assert "groups.staff.colour: unknown key" in r.stderr and "Traceback" not in r.stderr
     r = lockctl(net, None, "acf", "--config", str(tmp_path / "missing.yaml"))
     assert r.returncode == 2 and "cannot read config" in r.stderr
+
+
+def test_acf_reads_the_gates_under_the_prefix_the_lock_is_served_under(net, tmp_path):
+    """`lockctl acf` takes --prefix as lock-ioc does (it used to be ignored: every gated
+    record read-only under a lock served with --prefix) and says when it differs."""
+    config = tmp_path / "lock.yaml"
+    config.write_text(TEST_CONFIG.format(prefix="BL:LOCK:", state=tmp_path / "s.sqlite3"))
+    for args in (("acf", "--config", str(config), "--prefix", "XF:31ID:LOCK:"),
+                 ("--prefix", "XF:31ID:LOCK:", "acf", "--config", str(config))):
+        r = lockctl(net, None, *args)
+        assert r.returncode == 0, r.stderr
+        assert 'INPB("XF:31ID:LOCK:Gate:staff")' in r.stdout and "BL:LOCK:" in r.stdout
+        assert '("BL:LOCK:Gate' not in r.stdout
+        assert "the gates are read under --prefix XF:31ID:LOCK:, not under the config's " \
+               f"prefix BL:LOCK:: serve the lock IOC with the same prefix (lock-ioc " \
+               f"--config {config} --prefix XF:31ID:LOCK:)" in r.stderr
+        # This shell's clients follow another lock ($LOCK_PREFIX): said too.
+        assert "LOCK_PREFIX=NOWHERE:LOCK:" in r.stderr
+    env = net.client_env()
+    env["LOCK_PREFIX"] = "BL:LOCK:"
+    r = subprocess.run(lockctl_cmd("acf", "--config", str(config)), env=env,
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and r.stderr == "", r.stderr   # all agree: nothing to say
+    assert 'INPB("BL:LOCK:Gate:staff")' in r.stdout
+    r = lockctl(net, None, "acf", "--config", str(config), "--prefix", "bad prefix")
+    assert r.returncode == 2 and "invalid lock prefix 'bad prefix'" in r.stderr
+    r = lockctl(net, None, "acf", "--safe-asg", "GATED")
+    assert r.returncode == 2 and "the gated and the safe ASG must differ" in r.stderr
+
+
+def test_status_does_not_show_another_users_refusal_as_yours(net, lock):
+    body = '{"session": "align", "lease": 600, "note": "mirror"}'
+    assert net.caput(lock.pv("Acquire"), body, user="alice").returncode == 0
+    assert net.caput(lock.pv("Acquire"), "mine", user="bob").returncode != 0
+    assert "refused" in net.caget(lock.pv("Message"))      # bob's refusal, for everyone
+    r = lockctl(net, lock, "status")
+    assert r.returncode == 0, r.stderr
+    assert "refused" not in r.stdout and "message:" not in r.stdout, r.stdout
+    last = r.stdout.splitlines()[-1]
+    assert last.startswith("last event: ") and f" acquired {ALICE} session=align " in last
+
+
+def test_history_is_read_with_lockctl_as_the_readme_says(net, lock):
+    """caget -S prints $(P)History on one line with literal \\n; lockctl history prints one
+    event per line. The README's walk-through reads it with lockctl and says which form is
+    for scripts."""
+    assert net.caput(lock.pv("Acquire"), "one", user="alice").returncode == 0
+    assert net.caput(lock.pv("Release"), "one", user="alice").returncode == 0
+    raw = net.caget(lock.pv("History"))
+    assert len(raw.splitlines()) == 1 and "\\n" in raw
+    lines = lockctl(net, lock, "history").stdout.splitlines()
+    assert len(lines) == 2 and "acquired" in lines[0] and "released" in lines[1], lines
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    walk = readme.split("## A walk-through", 1)[1].split("\n## ", 1)[0]
+    assert "lockctl history " in walk and "the form for scripts" in walk
+    assert not re.search(r"^caget -S BL:LOCK:History", walk, re.MULTILINE), \
+        "the walk-through reads History with caget -S (one line of \\n escapes)"

@@ -6,7 +6,11 @@ operator, mallory in no group.
 """
 from __future__ import annotations
 
-from epics_env import LockIOC, wait_until
+import subprocess
+import sys
+
+from beamline_env import SoftIoc
+from epics_env import REPO, TEST_CONFIG, LockIOC, Server, wait_until
 
 SHUTTER = "Shutter:Open"
 
@@ -82,3 +86,34 @@ def test_lock_ioc_down_fails_safe_and_recovers(net, tmp_path, lock_ioc, beamline
         assert can_write(net, beamline, "bluesky")
     finally:
         restarted.stop()
+
+
+def test_lock_served_under_another_prefix_and_its_acf_agree(net, tmp_path):
+    """`lock-ioc --config C --prefix P` and `lockctl acf --config C --prefix P` name the
+    same gates (the ACF used to read the config's prefix: every gated record read-only);
+    the IOC says in its log that device IOCs need an ACF for P."""
+    config = tmp_path / "lock.yaml"
+    config.write_text(TEST_CONFIG.format(prefix="TST:LOCK:", state=tmp_path / "s.sqlite3"))
+    prefix = "XF:31ID:LOCK:"
+    lock = Server(net, [sys.executable, "-m", "lock_ioc", "--config", str(config),
+                        "--prefix", prefix], log=tmp_path / "lock-ioc.log",
+                  ready_pv=prefix + "Heartbeat", cwd=REPO)
+    acf = subprocess.run([sys.executable, "-m", "beamline_lock.cli", "acf", "--config",
+                          str(config), "--prefix", prefix], env=net.client_env(),
+                         capture_output=True, text=True, timeout=60)
+    assert acf.returncode == 0, acf.stderr
+    assert f"lock-ioc --config {config} --prefix {prefix}" in acf.stderr
+    lock.start()
+    beamline = SoftIoc(net, tmp_path, config, acf=acf.stdout)
+    try:
+        beamline.start()
+        wait_until(lambda: can_write(net, beamline, "alice"), 15, what="gates connected")
+        assert net.caput(prefix + "Acquire", "align", user="alice").returncode == 0
+        wait_until(lambda: not can_write(net, beamline, "bluesky"), 5,
+                   what="queue gate closed")
+        assert can_write(net, beamline, "bob")
+    finally:
+        beamline.stop()
+        lock.stop()
+    assert f"serving under --prefix {prefix}, not the config's prefix TST:LOCK:" in lock.log()
+    assert f"lockctl acf --config {config} --prefix {prefix}" in lock.log()

@@ -165,6 +165,19 @@ def test_operator_force_release_disable_enable(net, lock_ioc):
     assert net.caget(lock_ioc.pv("Gate:staff")) == "1"
 
 
+def test_refusals_of_free_and_disabled_locks_read_plainly(net, lock_ioc):
+    r = net.caput(lock_ioc.pv("Release"), "scan", user="alice")
+    assert r.returncode != 0
+    assert "Release: refused: the lock is not held (it is Free): nothing to release" \
+        in r.stderr and "renew" not in r.stderr, r.stderr
+    assert net.caput(lock_ioc.pv("Disable"), "maintenance", user="operator").returncode == 0
+    r = net.caput(lock_ioc.pv("Disable"), "again", user="operator")
+    assert r.returncode != 0
+    assert "Disable: refused: the lock is already disabled (by " \
+        f"{identity('operator')}: maintenance)" in r.stderr, r.stderr
+    assert net.caget(lock_ioc.pv("DisabledReason")).endswith(": maintenance")
+
+
 def test_two_users_race_fifty_times_exactly_one_winner(net, lock_ioc):
     acquire, release = lock_ioc.pv("Acquire"), lock_ioc.pv("Release")
     cmd = [tool("caput"), "-c", "-S", "-w", "5"]
@@ -327,6 +340,9 @@ def test_prefix_flag_overrides_config_and_list_pvs(net, tmp_path):
     try:
         assert net.caget("OVR:State") == "Free"
         assert "OVR:Gate:staff" in ioc.log()
+        # Device IOCs must read the gates under OVR: too: the log says how.
+        assert "serving under --prefix OVR:, not the config's prefix CFG:" in ioc.log()
+        assert f"`lockctl acf --config {ioc.config} --prefix OVR:`" in ioc.log()
     finally:
         ioc.stop()
 

@@ -204,3 +204,19 @@ def test_invariants_hold_for_any_command_sequence(steps):
         else:
             assert any(gates.values())
         state, token = new, new.token
+
+
+def test_refusals_of_free_and_disabled_locks_say_what_is_wrong_in_plain_words():
+    with pytest.raises(Refused) as err:
+        run(LockState(), "Release", ALICE, "scan1")
+    assert err.value.message == ("Release: refused: the lock is not held (it is Free): "
+                                 "nothing to release")
+    with pytest.raises(Refused) as err:
+        run(LockState(), "Renew", ALICE, "scan1")
+    assert err.value.message == ("Renew: refused: the lock is not held (it is Free): "
+                                 "acquire it again (a lease that ran out cannot be renewed)")
+    disabled = run(LockState(), "Disable", OPER, "maintenance").state
+    with pytest.raises(Refused) as err:
+        run(disabled, "Disable", OPER, "again")
+    assert err.value.message == ("Disable: refused: the lock is already disabled "
+                                 "(by operator@cr: maintenance)")

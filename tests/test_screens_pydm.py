@@ -192,6 +192,7 @@ def test_ioc_down_greys_state_and_buttons(net, lock, lock_screen):
     wait_until(lambda: lock_screen.prop("state", "alarmSeverity") == 4, 20, 0.1,
                what="the disconnected border")
     assert lock_screen.prop("state", "lockState") == ""
+    shows(lock_screen, "state", "Unknown")     # fits the box: not a clipped channel name
     shows(lock_screen, "history", f"ca://{lock.prefix}History")    # like every readback
     wait_until(lambda: not lock_screen.enabled("acquire"), 10, 0.1)
     assert not lock_screen.enabled("force_release")
@@ -215,7 +216,8 @@ def gated_beamline(net, tmp_path):
         lock.stop()
 
 
-GATED = ("shutter_open", "shutter_close", "m1_setpoint", "m1_stop", "m2_setpoint", "m2_stop")
+GATED = ("shutter_open", "m1_setpoint", "m2_setpoint")
+SAFE = ("shutter_close", "m1_stop", "m2_stop")     # never gated (see test_safety.py)
 
 
 def test_device_panel_controls_follow_the_viewers_gate(net, gated_beamline, tmp_path):
@@ -232,9 +234,12 @@ def test_device_panel_controls_follow_the_viewers_gate(net, gated_beamline, tmp_
         body = '{"session": "align", "lease": 600}'
         assert net.caput(lock.pv("Acquire"), body, user="alice").returncode == 0
         shows(panel, "gate", "0")
+        shows(panel, "lock_state", "Held")
+        shows(panel, "lock_owner", identity("alice"))    # held, and by whom
         wait_until(lambda: not any(panel.enabled(w) for w in GATED), 20, 0.1,
                    what="controls disabled while staff holds the lock")
         assert net.caput(devices.pv("Shutter:Open"), "0", text=False).returncode != 0
+        assert all(panel.enabled(w) for w in SAFE)
 
         assert net.caput(lock.pv("Release"), "align", user="alice").returncode == 0
         wait_until(lambda: all(panel.enabled(w) for w in GATED), 20, 0.1,
@@ -245,5 +250,6 @@ def test_device_panel_controls_follow_the_viewers_gate(net, gated_beamline, tmp_
         lock.stop()                                       # fail safe: lock IOC gone
         wait_until(lambda: not any(panel.enabled(w) for w in GATED), 20, 0.1,
                    what="controls disabled while the lock IOC is down")
+        shows(panel, "lock_state", "Unknown")             # not a clipped channel name
     finally:
         panel.close()

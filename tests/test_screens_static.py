@@ -260,8 +260,8 @@ def test_bob_rules_use_contract_states_and_gates():
     assert state_rule_states == set(contract.STATES)
     gated = [w.findtext("name") for w in bob_widgets(CLIENTS / "phoebus" / "devices.bob")
              if w.find("rules/rule[@prop_id='enabled']") is not None]
-    assert set(gated) == {"shutter_open", "shutter_close", "m1_setpoint", "m1_stop",
-                          "m2_setpoint", "m2_stop"}
+    # Stop and Close are never gated: they stay enabled whatever the lock says.
+    assert set(gated) == {"shutter_open", "m1_setpoint", "m2_setpoint"}
 
 
 @pytest.mark.parametrize("path", UIS, ids=lambda p: p.name)
@@ -365,3 +365,14 @@ def test_every_screen_pv_is_served_by_the_live_iocs(net, lock_ioc, beamline):
                 assert "Access:           read, write" in info, (name, info)
         else:
             assert re.search(r"Native data type: DBF_(ENUM|DOUBLE|LONG|STRING)", info), name
+
+
+def test_docs_say_that_make_screens_rewrites_the_tracked_screenshots():
+    """`make screens` overwrites the committed PNGs in docs/screens/ (intended: they are
+    the README's pictures); the README and docs/screens.md say so."""
+    assert "tests/screens_env.py shoot docs/screens" in (REPO / "Makefile").read_text()
+    assert sorted(p.name for p in (REPO / "docs" / "screens").glob("pydm-*.png"))
+    for doc in ("README.md", "docs/screens.md"):
+        text = " ".join((REPO / doc).read_text(encoding="utf-8").split())
+        assert "`make screens`" in text and "in place, on purpose" in text, doc
+        assert "git checkout docs/screens" in text, doc

@@ -56,9 +56,13 @@ def _count(text: str) -> int:
     return value
 
 
+DEFAULT_PREFIX = "BL:LOCK:"
+
+
 def _common(p: argparse.ArgumentParser, prefix, timeout) -> None:
     p.add_argument("--prefix", default=prefix,
-                   help="lock IOC PV prefix (default: $LOCK_PREFIX or BL:LOCK:)")
+                   help="lock IOC PV prefix (default: $LOCK_PREFIX or BL:LOCK:; for acf, "
+                        "as for lock-ioc: the config's prefix)")
     p.add_argument("--timeout", type=_positive, default=timeout,
                    help="seconds to wait for the lock IOC (default 5)")
 
@@ -70,7 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
                "3 lock IOC unreachable. A lease taken with 'acquire' outlives this command: "
                "renew or release it later as the same user on the same host with the same "
                "session name.")
-    _common(p, os.environ.get("LOCK_PREFIX", "BL:LOCK:"), 5.0)
+    _common(p, None, 5.0)
     common = argparse.ArgumentParser(add_help=False)  # the same options after the command
     _common(common, argparse.SUPPRESS, argparse.SUPPRESS)
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -109,12 +113,24 @@ def build_parser() -> argparse.ArgumentParser:
     cmd("history", help="recent lock events, newest last")
 
     s = cmd("acf", help="print the EPICS access security file for a lock config")
-    s.add_argument("--config", required=True, help="lock YAML config file")
-    s.add_argument("--asg", default="GATED", help="access security group name (default GATED)")
+    s.add_argument("--config", help="lock YAML config file, as given to lock-ioc (default: "
+                                    "lock-ioc's embedded default)")
+    s.add_argument("--asg", default="GATED",
+                   help="access security group of gated records (default GATED)")
+    s.add_argument("--safe-asg", default="SAFE",
+                   help="access security group of stop and make-safe records, writable "
+                        "whatever the lock says (default SAFE)")
     return p
 
 
-def _status_lines(st: LockStatus) -> list[str]:
+def lock_prefix(args: argparse.Namespace) -> str:
+    """The lock the command talks to: --prefix, else $LOCK_PREFIX, else BL:LOCK:."""
+    return args.prefix or os.environ.get("LOCK_PREFIX") or DEFAULT_PREFIX
+
+
+def _status_lines(st: LockStatus, last_event: str = "") -> list[str]:
+    """``lockctl status``. Not ``$(P)Message``: that is the outcome of the last command
+    of *any* client (another user's refusal, say); the last event names who did what."""
     lines = [f"state:     {st.state}"]
     if st.state == HELD:
         lines += [f"owner:     {st.owner}", f"session:   {st.session}"]
@@ -123,7 +139,9 @@ def _status_lines(st: LockStatus) -> list[str]:
         lines += [f"until:     {until_text(st.expiry)} ({st.remaining:.0f} s left)"]
     if st.state == DISABLED:
         lines.append(f"reason:    {st.disabled_reason}")
-    lines += [f"token:     {st.token}", f"message:   {st.message}"]
+    lines.append(f"token:     {st.token}")
+    if last_event:
+        lines.append(f"last event: {last_event}")
     return lines
 
 
@@ -171,6 +189,9 @@ def _watch(lock: BeamlineLock, count: int | None, duration: float | None,
 
 
 def _acf(args: argparse.Namespace) -> int:
+    """The ACF reads the gates under the prefix the lock IOC serves: given the same
+    ``--config`` and ``--prefix``, ``lock-ioc`` and ``lockctl acf`` agree. Any other
+    prefix in play ($LOCK_PREFIX, the config's own) that differs is said on stderr."""
     from lock_ioc.config import ConfigError, load
     try:
         from .acf import AcfError, render_acf
@@ -178,10 +199,22 @@ def _acf(args: argparse.Namespace) -> int:
         print(f"lockctl acf: the ACF generator is not available ({exc})", file=sys.stderr)
         return USAGE
     try:
-        text = render_acf(load(args.config), args.asg)
+        config = load(args.config)
+        prefix = args.prefix or config.prefix
+        text = render_acf(config, args.asg, safe_asg=args.safe_asg, prefix=prefix)
     except (ConfigError, AcfError) as exc:
         print(f"lockctl acf: {exc}", file=sys.stderr)
         return USAGE
+    config_opt = f"--config {args.config} " if args.config else ""
+    if prefix != config.prefix:
+        print(f"lockctl acf: the gates are read under --prefix {prefix}, not under the "
+              f"config's prefix {config.prefix}: serve the lock IOC with the same prefix "
+              f"(lock-ioc {config_opt}--prefix {prefix}), or set prefix: in the config",
+              file=sys.stderr)
+    env = os.environ.get("LOCK_PREFIX")
+    if env and env != prefix:
+        print(f"lockctl acf: note: LOCK_PREFIX={env} (the lock this shell's clients use) "
+              f"differs from the prefix the ACF reads ({prefix})", file=sys.stderr)
     sys.stdout.write(text if text.endswith("\n") else text + "\n")
     return OK
 
@@ -189,7 +222,8 @@ def _acf(args: argparse.Namespace) -> int:
 def run(args: argparse.Namespace) -> int:
     if args.command == "acf":
         return _acf(args)
-    lock = BeamlineLock(args.prefix, timeout=args.timeout, connect_timeout=args.timeout)
+    prefix = lock_prefix(args)
+    lock = BeamlineLock(prefix, timeout=args.timeout, connect_timeout=args.timeout)
     try:
         if args.command == "watch":
             if not sys.stdout.isatty():  # a log or a pipe: one line per change
@@ -200,7 +234,7 @@ def run(args: argparse.Namespace) -> int:
             finally:
                 print()
         if not lock.connected:
-            raise LockUnavailable(f"lock IOC {args.prefix} unreachable: no answer within "
+            raise LockUnavailable(f"lock IOC {prefix} unreachable: no answer within "
                                   f"{args.timeout:g} s (EPICS_CA_ADDR_LIST="
                                   f"{os.environ.get('EPICS_CA_ADDR_LIST', '')!r}); "
                                   "lock state unknown")
@@ -210,7 +244,8 @@ def run(args: argparse.Namespace) -> int:
                 print(json.dumps({k: v for k, v in st.__dict__.items()
                                   if k not in ("event", "lost", "held_by_me")}))
             else:
-                print("\n".join(_status_lines(st)))
+                events = lock.history()
+                print("\n".join(_status_lines(st, events[-1] if events else "")))
         elif args.command == "history":
             print("\n".join(lock.history()))
         elif args.command == "acquire":

@@ -12,13 +12,17 @@ nothing else (bluesky-queueserver stays unmodified; a profile collection adds tw
   ``linger`` seconds with no plan running. While a plan runs, every message that may
   make hardware do something (all but the reads and bookkeeping of ``READ_COMMANDS``) is
   held back unless this process still holds the lock: a fence against the instant
-  between losing the lock and the suspension.
+  between losing the lock and the suspension. Stopping and making safe are never held
+  back: ``stop`` messages and safe writes of gated devices (``ophyd_gate.gate(safe=)``,
+  e.g. closing a shutter) pass the fence.
 - a **suspender** (``RE.install_suspender``) on an ophyd soft ``Signal`` that is 1 while
   a plan runs and the lock is not (or no longer) held by us. The signal is driven by the
   lock client's monitor callbacks (no polling). When the lock is revoked mid-plan
   (``ForceRelease``, lease lost, lock IOC gone), bluesky suspends the plan within a
   CA round trip and prints why; the plan resumes only when the queue holds the lock
-  again (:meth:`LockGuard.reacquire`, e.g. ``qserver function execute``).
+  again (:meth:`LockGuard.reacquire`, e.g. ``qserver function execute``). On
+  suspending, bluesky stops every device the plan moved; the gate lets ``stop()``
+  through whatever the lock says, so a motor moving when the lock is lost is stopped.
 
 The lease is kept alive by the lock client's background renewal; the guard's CA traffic
 is the client's monitors plus one Acquire per plan and one Release per queue run.
@@ -40,6 +44,7 @@ from ophyd import Signal
 
 from .client import (BeamlineLock, LockDisabled, LockError, LockHeld, LockStatus,
                      LockUnavailable, until_text)
+from .ophyd_gate import is_safe_write
 
 log = logging.getLogger("beamline_lock.re_guard")
 
@@ -55,6 +60,8 @@ READ_COMMANDS = frozenset({
     "declare_stream", "collect", "monitor", "unmonitor", "checkpoint", "clear_checkpoint",
     "rewindable", "sleep", "wait", "wait_for", "null", "pause", "input", "subscribe",
     "unsubscribe", "install_suspender", "remove_suspender"})
+#: Plan messages that stop or make safe: they pass the fence whatever the lock says.
+SAFE_COMMANDS = frozenset({"stop"})
 #: How ``print`` lines of the guard start, so they are easy to find in console output.
 TAG = "beamline-lock guard:"
 
@@ -245,8 +252,9 @@ class LockGuard:
 
     # ---- the fence -------------------------------------------------------------------
     def _fence(self, msg: Msg):
-        """plan_mutator hook: a write goes out only while we hold the lock."""
-        if msg.command in READ_COMMANDS:
+        """plan_mutator hook: a write goes out only while we hold the lock; reads,
+        stops and safe writes always."""
+        if msg.command in READ_COMMANDS or is_safe_message(msg):
             return None, None
         return self._permitted(msg), None
 
@@ -405,6 +413,13 @@ class LockGuard:
                 "lease": self.lease}
 
 
+def is_safe_message(msg: Msg) -> bool:
+    """A ``stop``, or a ``set`` the device's gate counts as safe (e.g. closing a shutter)."""
+    if msg.command in SAFE_COMMANDS:
+        return True
+    return msg.command == "set" and bool(msg.args) and is_safe_write(msg.obj, msg.args[0])
+
+
 def state_text(status: LockStatus) -> str:
     """``lock is Free, token 7`` or ``lock state unknown (...)``."""
     text = status.describe()
@@ -470,5 +485,5 @@ def seconds_from_env(environ: dict, name: str, default: float | None) -> float |
 
 
 __all__ = ["LockGuard", "LockSuspender", "install_lock_guard", "plan_refusal",
-           "seconds_from_env", "state_text", "READ_COMMANDS", "DEFAULT_LINGER",
-           "DEFAULT_LEASE"]
+           "seconds_from_env", "state_text", "is_safe_message", "READ_COMMANDS",
+           "SAFE_COMMANDS", "DEFAULT_LINGER", "DEFAULT_LEASE"]

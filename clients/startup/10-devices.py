@@ -2,8 +2,12 @@
 #
 # Every write (put/set of each writable EPICS signal, set/move of each device) first asks
 # the process's lock client (00-lock.py) and raises LockHeld & co. when the lock does not
-# allow it; reads are never gated. The classes are plain ophyd: the gate is added to the
-# instances by `gate()`, so a beamline's own device classes work the same way.
+# allow it; reads are never gated. Stopping and making safe never ask the lock: `stop()`
+# of every device (bluesky stops what it moved when a plan is suspended, paused or
+# aborted) and the shutter's Close pass the gate whatever the lock says, also while the
+# lock IOC is down; the device IOC lets them through too (ASG(SAFE), docs/device-gating.md).
+# The classes are plain ophyd: the gate is added to the instances by `gate()`, so a
+# beamline's own device classes work the same way.
 #
 # Environment: BEAMLINE_PREFIX (default BL:) for the device PVs.
 import os
@@ -62,12 +66,27 @@ class SimMotor(PVPositioner):
 
 
 class Shutter(Device):
-    """Photon shutter: ``set("Open")`` / ``set("Close")`` (or 1 / 0) finish at the readback."""
+    """Photon shutter: ``set("Open")`` / ``set("Close")`` (or 1 / 0) finish at the readback.
+
+    Open writes the gated command (``Shutter:Open`` = 1); Close writes the never-gated
+    ``Shutter:Close`` = 1, which the IOC forwards to the command (see db/shutter.db).
+    """
 
     command = Cpt(EpicsSignal, "Shutter:Open", kind="omitted")
+    close_command = Cpt(EpicsSignal, "Shutter:Close", kind="omitted")
     status = Cpt(EpicsSignalRO, "Shutter:Status", kind="hinted")
 
     _VALUES = {"open": 1, "opened": 1, "1": 1, "close": 0, "closed": 0, "0": 0}
+
+    @classmethod
+    def wanted(cls, value) -> int | None:
+        """1 (open), 0 (close) or None (not a shutter command) for a set value."""
+        return cls._VALUES.get(str(value).strip().lower())
+
+    @classmethod
+    def closes(cls, value) -> bool:
+        """Whether ``set(value)`` closes the shutter: a safe action (see gate(safe=))."""
+        return cls.wanted(value) == 0
 
     #: ophyd-websocket's device socket reads these before a numeric set: no limits here.
     low_limit = high_limit = None
@@ -81,10 +100,13 @@ class Shutter(Device):
         return status
 
     def set(self, value, *, timeout: float = 10.0):
-        want = self._VALUES.get(str(value).strip().lower())
+        want = self.wanted(value)
         if want is None:
             raise ValueError(f"{self.name}: expected 'Open' or 'Close' (1 or 0), got {value!r}")
-        self.command.put(want)
+        if want:
+            self.command.put(1)
+        else:
+            self.close_command.put(1)
         return SubscriptionStatus(self.status, lambda value, **_: int(value) == want,
                                   timeout=timeout)
 
@@ -111,6 +133,7 @@ class BeamStatus(Device):
 
 m1 = gate(SimMotor(_P + "m1", name="m1"))
 m2 = gate(SimMotor(_P + "m2", name="m2"))
-shutter = gate(Shutter(_P, name="shutter"))
+# Closing the shutter is safe: set("Close") and Shutter:Close = 1 never ask the lock.
+shutter = gate(Shutter(_P, name="shutter"), safe={"": Shutter.closes, "close_command": (1,)})
 det = gate(SimDetector(_P, name="det"))
 beam = BeamStatus(_P, name="beam")  # read-only: nothing to gate
