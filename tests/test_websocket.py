@@ -22,7 +22,7 @@ import time
 import pytest
 
 from beamline_env import SoftIoc
-from epics_env import REPO, LockIOC, identity, wait_until
+from epics_env import LockIOC, identity, wait_until
 from ws_env import SEAT_USER, OphydWebsocket, Page, WsClient, web_seat_config
 from ws_replay_proxy import ReplayProxy
 
@@ -322,63 +322,62 @@ def test_seat_started_while_the_lock_ioc_is_down_refuses_sets(net, web_lock, web
     assert float(net.caget(B + "m1")) == 0.0
 
 
-def test_example_page_keeps_its_lease_alive_until_released_or_taken_away(net, seats):
-    """clients/websocket/lock-panel.html, its own script run by node against a real seat:
-    Take keeps renewing a 4 s lease; a force-release or Release ends the renewing."""
+def test_web_page_keeps_its_lease_alive_until_released_or_taken_away(net, seats):
+    """The web page's lock client (web/src/lock/client.ts, the page's own code run by
+    node against a real seat): Take keeps renewing a 4 s lease; a force-release or
+    Release ends the renewing."""
     seat = seats("web:alice")
-    page = Page(REPO / "clients" / "websocket" / "lock-panel.html",
-                f"?ows=ws://127.0.0.1:{seat.port}&lock={P}&user=alice")
+    page = Page(f"ws://127.0.0.1:{seat.port}/api/v1/pv-socket", P, "web:alice")
     try:
-        page.wait_for(lambda v: v["state"] == "Free", 20, "the lock Free")
-        page.do("set lease 4")
-        page.do("set note from the page")
-        page.do("click take")
+        page.wait_for(lambda v: v["state"] == "Free" and v["take_enabled"], 20,
+                      "the lock Free and Take enabled")
+        page.do("take 4 from the page")
         view = page.wait_for(lambda v: v["state"] == "Held" and v["release_enabled"]
-                             and v["hold"] and v["hold"]["token"] is not None, 10,
-                             "the page's grant")
-        assert view["renewing"] and f"{SEAT} (session web:alice, note 'from the page')" \
-            in view["holder"], view
+                             and v["hold"] is not None, 10, "the page's grant")
+        assert view["renewing"] and (view["owner"], view["session"], view["note"]) \
+            == (SEAT, "web:alice", "from the page"), view
         token = view["hold"]["token"]
         time.sleep(10)  # 2.5 leases: only the page's renewals keep it
         assert (net.caget(P + "State"), net.caget(P + "Session"), int(net.caget(P + "Token"))) \
             == ("Held", "web:alice", token)
 
         assert net.caput(P + "ForceRelease", "drill", user="operator").returncode == 0
-        view = page.wait_for(lambda v: v["state"] == "Free", 10, "Free after the drill")
-        page.wait_for(lambda v: not v["renewing"] and v["hold"] is None, 10,
-                      "the page to stop renewing")
+        page.wait_for(lambda v: v["state"] == "Free", 10, "Free after the drill")
+        view = page.wait_for(lambda v: not v["renewing"] and v["hold"] is None, 10,
+                             "the page to stop renewing")
+        assert view["outcome"] == "ended", view
+        page.wait_for(lambda v: v["message"].startswith("force-released"), 10,
+                      "the page to show why")
 
-        page.do("click take")
+        page.do("take 4 from the page")
         page.wait_for(lambda v: v["hold"] and v["hold"]["token"] == token + 1, 10,
                       "the page's second grant")
-        page.do("click release")
-        view = page.wait_for(lambda v: v["state"] == "Free" and not v["renewing"], 10,
-                             "Free after Release")
-        assert view["message"].startswith("released by"), view
+        page.do("release")
+        page.wait_for(lambda v: v["state"] == "Free" and not v["renewing"]
+                      and v["message"].startswith("released by"), 10, "Free after Release")
     finally:
         page.close()
 
 
-def test_example_page_keeps_its_grant_when_an_old_token_value_arrives_late(net, seats):
-    """The race of a fresh clone's failed run, made certain. ophyd-websocket delivers a
-    PV's first value twice (ophyd's monitor and its connection-time replay, two threads);
-    under load the replay of ``Token = 0`` reached the page after the grant's ``Token = 1``.
-    The page took that old value for the lock changing hands, stopped renewing, and its
-    lease ran out while it still showed Held. The proxy replays that copy after the
-    grant's Token; the page must ignore a value older than the one it has."""
+def test_web_page_keeps_its_grant_when_an_old_token_value_arrives_late(net, seats):
+    """The race of a fresh clone's failed run (issue 12), made certain. ophyd-websocket
+    delivers a PV's first value twice (ophyd's monitor and its connection-time replay, two
+    threads); under load the replay of ``Token = 0`` reached the page after the grant's
+    ``Token = 1``. The old example page took that old value for the lock changing hands,
+    stopped renewing, and its lease ran out while it still showed Held. The proxy
+    replays that copy after the grant's Token; the page must ignore a value older than
+    the one it has (web/src/lock/pvstore.ts orders values by the IOC's timestamp)."""
     seat = seats("web:alice")
     token_pv = P + "Token"
     proxy = ReplayProxy(
         f"ws://127.0.0.1:{seat.port}",
         hold=lambda m: m.get("pv") == token_pv and m.get("value") == 0,
         release_after=lambda m: m.get("pv") == token_pv and m.get("value") == 1).start()
-    page = Page(REPO / "clients" / "websocket" / "lock-panel.html",
-                f"?ows=ws://127.0.0.1:{proxy.port}&lock={P}&user=alice")
+    page = Page(f"ws://127.0.0.1:{proxy.port}/api/v1/pv-socket", P, "web:alice")
     try:
         page.wait_for(lambda v: v["state"] == "Free" and v["take_enabled"], 20,
                       "the lock Free and Take enabled")
-        page.do("set lease 4")
-        page.do("click take")
+        page.do("take 4")
         page.wait_for(lambda v: v["hold"] and v["hold"]["token"] == 1 and v["renewing"], 10,
                       "the page's grant")
         assert proxy.replayed.wait(10), "the old Token value was never replayed"
@@ -386,7 +385,7 @@ def test_example_page_keeps_its_grant_when_an_old_token_value_arrives_late(net, 
         assert (net.caget(P + "State"), net.caget(P + "Session"), int(net.caget(P + "Token"))) \
             == ("Held", "web:alice", 1)
         view = page.views[-1]
-        assert view["renewing"] and view["hold"]["token"] == 1, view
+        assert view["renewing"] and view["hold"]["token"] == 1 and view["token"] == 1, view
     finally:
         page.close()
         proxy.stop()

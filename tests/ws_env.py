@@ -177,21 +177,31 @@ class WsClient:
         self._reader.join(5)
 
 
-PAGE_SHIM = Path(__file__).with_name("page_shim.js")
+def lock_shim() -> Path:
+    """The web page's lock client (web/src/lock/client.ts: PV store, keep-alive, socket
+    wiring) bundled for node by ``npm run shim`` (web/src/lock/shim.ts)."""
+    web = REPO / "web"
+    for argv in ([str(web / "build")], ["npm", "--prefix", str(web), "run", "--silent", "shim"]):
+        run = subprocess.run(argv, capture_output=True, text=True)
+        if run.returncode != 0:
+            raise RuntimeError(f"{' '.join(argv)} failed:\n{run.stdout}\n{run.stderr}")
+    return web / "node_modules" / ".cache" / "lock-shim.cjs"
 
 
 class Page:
-    """An example web page of ``clients/websocket/`` run by node (``page_shim.js``): the
-    page's own script against a real seat, driven by clicks; ``views`` is what it showed."""
+    """The web page's lock client run by node against a real seat (``lock_shim``),
+    driven as the page's buttons drive it (``take LEASE NOTE``, ``release``);
+    ``views`` is what the page would show."""
 
-    def __init__(self, html: Path, query: str) -> None:
+    def __init__(self, url: str, prefix: str, session: str) -> None:
         node = shutil.which("node")
         if node is None:
-            raise RuntimeError("node not found: the example web page tests need Node.js >= 20")
+            raise RuntimeError("node not found: the web page tests need Node.js >= 20")
         self.views: list[dict] = []
         self._cond = threading.Condition()
         self.proc = subprocess.Popen(
-            [node, "--experimental-websocket", str(PAGE_SHIM), str(html), query],
+            [node, "--experimental-websocket", "--no-warnings", str(lock_shim()), url, prefix,
+             session],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
             start_new_session=True)
         self._reader = threading.Thread(target=self._read, daemon=True)
@@ -204,7 +214,7 @@ class Page:
                 self._cond.notify_all()
 
     def do(self, command: str) -> None:
-        """``set ID VALUE`` or ``click ID``, as a user would."""
+        """``take LEASE NOTE...``, ``release`` or ``renew``, as the page's buttons do."""
         self.proc.stdin.write(command + "\n")
         self.proc.stdin.flush()
 
