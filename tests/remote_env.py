@@ -22,10 +22,11 @@ import time
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
-from demo import services
-from demo.services import CERT_NAMES, PASSWORD_PROVIDER as PROVIDER  # noqa: F401 - tests' names
-from epics_env import ME, TEST_CONFIG, CANetwork, LockIOC, user_dir
+from epics_env import ME, TEST_CONFIG, CANetwork, LockIOC, user_dir  # puts demo/ on the path
 from ws_env import WsClient
+
+from demo import services  # noqa: E402
+from demo.services import CERT_NAMES, PASSWORD_PROVIDER as PROVIDER  # noqa: E402,F401
 
 httpserver_config = services.client_module("httpserver_config")
 nginx_config = services.client_module("nginx_config")

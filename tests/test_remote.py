@@ -327,3 +327,37 @@ def test_a_browser_sends_its_key_as_a_cookie_and_other_sites_pages_are_refused(s
     assert json.loads(refused.value.response.body)["detail"] == (
         "cross-origin request refused: Origin https://evil.example is not this site "
         f"({stack.url})")
+
+
+def test_the_console_stream_comes_through_nginx_as_it_is_written(stack):
+    """The page reads httpserver's console with a streaming GET (its key in the header).
+    nginx must pass each message on as it comes: buffered, not even the headers arrived."""
+    import queue
+    import threading
+
+    import httpx
+    key = stack.api_key("alice")
+    arrived: queue.Queue = queue.Queue()
+
+    def read() -> None:
+        try:
+            with httpx.Client(base_url=stack.url, verify=stack.ssl_context(),
+                              timeout=httpx.Timeout(10, read=60)) as client, \
+                    client.stream("GET", "/api/stream_console_output",
+                                  headers={"Authorization": f"ApiKey {key}"}) as answer:
+                arrived.put(("status", answer.status_code))
+                for chunk in answer.iter_text():    # JSON objects back to back, no newlines
+                    arrived.put(("text", chunk))
+        except httpx.HTTPError as exc:
+            arrived.put(("error", repr(exc)))
+
+    threading.Thread(target=read, daemon=True).start()
+    assert arrived.get(timeout=15) == ("status", 200)
+    alice = stack.api("alice")
+    try:
+        assert alice.queue_clear()["success"]     # the RE Manager logs it to the console
+        kind, text = arrived.get(timeout=15)
+        assert kind == "text" and text.startswith('{"time": '), text
+        assert "bluesky_queueserver.manager" in text, text
+    finally:
+        alice.close()
