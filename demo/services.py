@@ -784,7 +784,7 @@ class GatewayRuntime:
 
 def web_gateway(state: Path, *, http_port: int, https_port: int, httpserver_port: int,
                 seats: Mapping[str, int], web_config: Mapping, tls: Path | None = None,
-                user: str | None = "www-data") -> Service:
+                user: str | None = "www-data", env: Mapping[str, str] | None = None) -> Service:
     """Debian's nginx, the only door for a browser (clients/nginx/nginx.conf.in): TLS on
     ``https_port`` (HTTP on ``http_port`` redirects), the web page read-only from the
     installation (``share/web/dist``) with ``web_config`` as its ``config.json``, ``/api/``
@@ -801,7 +801,8 @@ def web_gateway(state: Path, *, http_port: int, https_port: int, httpserver_port
              httpserver=f"{LOOPBACK}:{httpserver_port}", seats=dict(seats),
              device_scope=hc.DEVICE_SCOPE))
     return Service("nginx", [nc.NGINX, "-c", str(state / "nginx.conf"), "-e", "stderr"],
-                   user=user, cwd=state, ports={"http": http_port, "https": https_port},
+                   env=dict(os.environ if env is None else env), user=user, cwd=state,
+                   ports={"http": http_port, "https": https_port},
                    files=[runtime],
                    ready=http_ready(f"https://{CERT_NAMES[0]}:{https_port}/",
                                     ca_file=tls / "ca.crt"), ready_timeout=20)
@@ -835,6 +836,8 @@ class WebAccess:
     #: Whether a seat runs as its web user's OS account (the design) or as ours.
     seats_as_web_users: bool = True
     access_token_max_age: float | None = None
+    #: The environment httpserver and nginx start from (default: this process's).
+    env: Mapping[str, str] | None = None
 
     @staticmethod
     def free_ports(web_users: Sequence[str], taken: set[int] | None = None) -> dict[str, int]:
@@ -886,7 +889,7 @@ class WebAccess:
         out = {"httpserver": httpserver(
             self.dirs["httpserver"], self.lock_config, port=self.ports["httpserver"],
             zmq_control=self.zmq_control, zmq_info=self.zmq_info, passwords=self.passwords,
-            observers=self.observers, user=self.httpserver_user,
+            observers=self.observers, user=self.httpserver_user, env=self.env,
             access_token_max_age=self.access_token_max_age)}
         for user in self.web_users:
             out[f"seat:{user}"] = web_seat(
@@ -897,5 +900,6 @@ class WebAccess:
             self.dirs["nginx"], http_port=self.ports["http"], https_port=self.ports["https"],
             httpserver_port=self.ports["httpserver"],
             seats={u: self.ports[f"seat:{u}"] for u in self.web_users},
-            web_config=self.web_config(), tls=self.dirs["tls"], user=self.nginx_user)
+            web_config=self.web_config(), tls=self.dirs["tls"], user=self.nginx_user,
+            env=self.env)
         return out
