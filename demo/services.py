@@ -36,7 +36,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -89,6 +89,37 @@ def free_port(taken: set[int] | None = None) -> int:
             taken.add(port)
             return port
     raise RuntimeError("no free port on 127.0.0.1")
+
+
+class PortHold:
+    """127.0.0.1:``ports`` held (TCP and UDP) for a service that is down or starting.
+
+    While a server is down its port is free for anyone on the machine: the kernel binds
+    client sockets to free ports of its ephemeral range (where ours come from too), the CA
+    repeater binds its clients' ports to test them, other runs' ``free_port`` probes them;
+    whoever holds the port when the server binds it again makes the server fail with
+    EADDRINUSE. A hold binds each port with SO_REUSEADDR and never listens: every server we
+    run binds its port with SO_REUSEADDR too (caproto, RSRV, redis, nginx, uvicorn, ZMQ) and
+    still binds and listens, and (the newest socket) gets the port's datagrams; a plain
+    bind by anyone else is refused."""
+
+    def __init__(self, ports: Iterable[int]):
+        self.sockets: list[socket.socket] = []
+        try:
+            for port in ports:
+                for kind in (socket.SOCK_STREAM, socket.SOCK_DGRAM):
+                    sock = socket.socket(socket.AF_INET, kind)
+                    self.sockets.append(sock)
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                    sock.bind((LOOPBACK, port))
+        except OSError:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        for sock in self.sockets:
+            sock.close()
+        self.sockets.clear()
 
 
 # ---- Channel Access environments ------------------------------------------------------
@@ -258,6 +289,9 @@ class Service:
     #: softIoc -S runs until its stdin closes: keep a pipe open (closing it stops it).
     stdin_pipe: bool = False
     stop_timeout: float = 10
+    #: Hold ``ports`` while it is down or starting (``PortHold``); False for a server that
+    #: binds without SO_REUSEADDR (EPICS base's caRepeater).
+    hold_ports: bool = True
 
     def argv_as_user(self) -> list[str]:
         return as_user(self.user, self.argv)
@@ -272,6 +306,9 @@ class Launched:
         #: Stopped (or killed) and reaped by us: its process group is gone, and its
         #: number may name another group by now, which must never get our signals.
         self.ended = False
+        #: Its ports, held from a kill (or ``stop(hold=True)``) or a start until it is
+        #: ready: nobody else may take them meanwhile.
+        self.hold: PortHold | None = None
 
     @property
     def name(self) -> str:
@@ -281,6 +318,7 @@ class Launched:
         """Start it (again, after a stop: same description, same log)."""
         if self.running():
             raise RuntimeError(f"{self.name} is running already")
+        self._hold_ports()
         for item in self.service.files:
             item.make(self.service.user)
         with open(self.log, "ab") as out:
@@ -297,6 +335,7 @@ class Launched:
         exits or lags (a Ctrl-C, a BaseException, still gets through)."""
         ready = self.service.ready
         if ready is None:
+            self._release_ports()
             return
         timeout = self.service.ready_timeout if timeout is None else timeout
         deadline = time.monotonic() + timeout
@@ -306,6 +345,7 @@ class Launched:
                                    f"{self.log}:\n{self.tail()}")
             try:
                 if ready():
+                    self._release_ports()   # it answers: it has bound them itself
                     return
             except Exception:  # noqa: BLE001 - not answering yet
                 pass
@@ -324,22 +364,41 @@ class Launched:
             return ""
 
     def kill9(self) -> None:
-        """SIGKILL the whole group at once (a crash), and reap it."""
+        """SIGKILL the whole group at once (a crash), and reap it; its ports stay held
+        until it is started again and answers."""
         if self.running():
             os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait(10)
             self.ended = True
+            self._hold_ports()
 
-    def stop(self, timeout: float | None = None) -> None:
-        if self.proc is None or self.ended:
-            return
-        if self.proc.stdin:
+    def stop(self, timeout: float | None = None, hold: bool = False) -> None:
+        """TERM then KILL the group; ``hold``: keep its ports for a start again."""
+        if self.proc is not None and not self.ended:
+            if self.proc.stdin:
+                try:
+                    self.proc.stdin.close()
+                except OSError:
+                    pass
+            stop_group(self.proc, self.service.stop_timeout if timeout is None else timeout)
+            self.ended = True
+        if hold:
+            self._hold_ports()
+        else:
+            self._release_ports()
+
+    def _hold_ports(self) -> None:
+        if self.hold is None and self.service.hold_ports and self.service.ports:
             try:
-                self.proc.stdin.close()
-            except OSError:
-                pass
-        stop_group(self.proc, self.service.stop_timeout if timeout is None else timeout)
-        self.ended = True
+                self.hold = PortHold(self.service.ports.values())
+            except OSError as exc:
+                raise RuntimeError(f"{self.name}: a port of {self.service.ports} is taken "
+                                   f"by another process ({exc})") from None
+
+    def _release_ports(self) -> None:
+        if self.hold is not None:
+            self.hold.close()
+            self.hold = None
 
 
 def stop_group(proc: subprocess.Popen | None, timeout: float = 10) -> None:
@@ -452,7 +511,7 @@ def ca_repeater(port: int, env: Mapping[str, str]) -> Service:
     """EPICS base's CA repeater on UDP ``port``."""
     return Service("caRepeater", [str(epics_bin() / "caRepeater")],
                    env=dict(env, EPICS_CA_REPEATER_PORT=str(port)), ports={"repeater": port},
-                   ready=udp_bound(port), ready_timeout=10)
+                   ready=udp_bound(port), ready_timeout=10, hold_ports=False)
 
 
 def lock_ioc(config: Path, port: int, ready_pv: str, client_env: Callable[[], Mapping],

@@ -138,9 +138,10 @@ class RemoteStack:
         return self.running[name]
 
     def stop_service(self, name: str) -> None:
+        """Stop service ``name``; its ports stay held for ``start_service``."""
         launched = self.running.pop(name, None)
         if launched is not None:
-            launched.stop()
+            launched.stop(hold=True)
 
     def stop(self) -> None:
         self.stack.stop()
