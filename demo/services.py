@@ -476,15 +476,10 @@ class Stack:
               wait: bool = True) -> Launched:
         launched = Launched(service, self.work / f"{log_name or _slug(service.name)}.log")
         self.launched.append(launched)
-        launched.start()
-        with open(self.work / "processes.txt", "a") as out:
-            out.write(f"{launched.proc.pid} {service.name}\n")
-        if wait:
-            launched.wait_ready()
-        return launched
+        return self.restart(launched, wait)
 
     def restart(self, launched: Launched, wait: bool = True) -> Launched:
-        """Start ``launched`` again after it stopped (same description, same log)."""
+        """Start ``launched`` (again, after it stopped: same description, same log)."""
         launched.start()
         with open(self.work / "processes.txt", "a") as out:
             out.write(f"{launched.proc.pid} {launched.name}\n")
