@@ -14,7 +14,7 @@ INSTALL_EXTRAS ?= screens
 export BEAMLINE_LOCK_PREFIX := $(PREFIX)
 export BEAMLINE_LOCK_EXTRAS := $(INSTALL_EXTRAS)
 
-.PHONY: run test venv system install bench demo docs screens clean
+.PHONY: run test venv system web install bench demo docs screens web-screens clean
 
 $(STAMP): setup.cfg pyproject.toml
 	@test -x $(PY) || "$$(.ci/find-python)" -m venv $(VENV)
@@ -28,9 +28,13 @@ venv: $(STAMP)
 system:
 	.ci/setup-system $(PREFIX)
 
-# Root: $(PREFIX)/venv with this checkout installed (not editable) and $(PREFIX)/share;
-# does nothing when they already match the checkout.
-install: $(STAMP) system
+# The web page: npm ci + tsc + vite into web/dist when anything changed (node >= 20, npm).
+web:
+	web/build
+
+# Root: $(PREFIX)/venv with this checkout installed (not editable) and $(PREFIX)/share
+# (web/dist included: nginx's static root); does nothing when they already match.
+install: $(STAMP) system web
 	$(PY) -m demo.install --prefix $(PREFIX) --extras '$(INSTALL_EXTRAS)'
 
 run: $(STAMP)
@@ -39,7 +43,8 @@ run: $(STAMP)
 test: install
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-# The whole system on loopback (lock IOC, beamline softIoc + ACF, Redis, RE Manager);
+# The whole system on loopback (lock IOC, beamline softIoc + ACF, Redis, RE Manager,
+# bluesky-httpserver, a seat per web user, nginx serving the web page over HTTPS);
 # Ctrl-C stops it all. Needs root (the installation, the accounts the services run as).
 demo: install
 	$(PY) -m demo $(ARGS)
@@ -55,6 +60,10 @@ docs: $(STAMP)
 screens: install
 	$(PY) clients/screens_gen.py
 	$(PY) tests/screens_env.py shoot docs/screens
+
+# The README's screenshots of the web page (Debian's Chromium, headless).
+web-screens: $(STAMP) web
+	$(PY) tests/web_env.py shoot docs/web
 
 clean:
 	rm -rf $(VENV) var .pytest_cache

@@ -4,16 +4,21 @@ Starts, from the service descriptions of ``demo/services.py`` and each under the
 a site would give it: the lock IOC (``lockioc``), the simulated beamline on EPICS base
 ``softIoc`` with the ACF generated from the lock's config (``beamioc``), Redis, and the
 unmodified ``start-re-manager`` with the shared startup directory (``bluesky``: its
-RunEngine runs under the lock guard); opens the RE environment, prints a cheat sheet and
-waits. Ctrl-C (SIGINT) or SIGTERM stops every process it started; nothing is left running.
+RunEngine runs under the lock guard), and opens the RE environment; then the remote half
+(``services.WebAccess``): bluesky-httpserver (``bluesky``), an ophyd-websocket seat for each
+demo web user under that user's own account, and nginx (``www-data``) serving the web page
+over HTTPS with a local CA made once and kept. Prints a cheat sheet and waits. Ctrl-C
+(SIGINT) or SIGTERM stops every process it started; nothing is left running.
 """
 from __future__ import annotations
 
 import argparse
 import os
+import secrets
 import shutil
 import signal
 import socket
+import string
 import subprocess
 import sys
 import tempfile
@@ -27,12 +32,22 @@ from . import services
 from .install import ensure, me
 
 REPO = Path(__file__).resolve().parent.parent
-#: Fixed ports (the qserver tools' defaults for ZMQ); --free-ports picks free ones instead.
+#: The demo's web users (OS accounts .ci/setup-system creates), each with a seat of their
+#: own, and what their httpserver role lets them do; observers are in no lock group.
+WEB_USERS = {"alice": "staff: edit and run the queue; takes the lock as web:alice",
+             "bob": "staff: the same, as web:bob",
+             "operator": "operator: pause, stop and abort plans; force-release, disable",
+             "observer": "observer: reads the queue, the devices and the lock; writes nothing"}
+OBSERVERS = ("observer",)
+#: Fixed ports (the qserver tools' defaults for ZMQ; HTTPS 8443 for the web);
+#: --free-ports picks free ones instead.
 FIXED = {"lock": 5074, "beamline": 5076, "redis": 6390, "zmq_control": 60615,
-         "zmq_info": 60625}
+         "zmq_info": 60625, "https": 8443, "http": 8080, "httpserver": 60610,
+         **{f"seat:{user}": 41001 + n for n, user in enumerate(WEB_USERS)}}
 ME = me()
-#: The OS account of each service (.ci/setup-system creates them).
-ACCOUNTS = {"lock": "lockioc", "beamline": "beamioc", "queue": "bluesky"}
+#: The OS account of each service (.ci/setup-system creates them; www-data is Debian's).
+ACCOUNTS = {"lock": "lockioc", "beamline": "beamioc", "queue": "bluesky",
+            "httpserver": "bluesky", "nginx": "www-data"}
 
 LOCK_CONFIG = """\
 # beamline-lock demo: the queue server runs as bluesky (group queue); {me} is in the queue
@@ -68,6 +83,12 @@ class Demo:
         self.ports = self._ports()
         self.stack = services.Stack(self.work)
         self.prefix, self.lock_prefix = args.prefix, args.prefix + "LOCK:"
+        #: Kept across demos (the CA is made once, and trusted once), outside any home.
+        self.tls_dir = Path(args.tls_dir).resolve() if args.tls_dir else \
+            self.install.prefix / "var" / "demo-tls"
+        self.passwords = {user: "".join(secrets.choice(string.ascii_letters + string.digits)
+                                        for _ in range(12)) for user in WEB_USERS}
+        self.web: services.WebAccess | None = None
 
     def _ports(self) -> dict[str, int]:
         if self.args.free_ports:
@@ -163,6 +184,25 @@ class Demo:
         finally:
             api.close()
 
+    def start_web(self) -> None:
+        """bluesky-httpserver, a seat per web user, nginx with the web page (the launcher's
+        ``WebAccess``, as the tests start it)."""
+        self.tls_dir.parent.mkdir(parents=True, exist_ok=True)
+        self.web = services.WebAccess(
+            lock_config=self.lock_config, lock_prefix=self.lock_prefix,
+            beamline_prefix=self.prefix,
+            zmq_control=f"tcp://127.0.0.1:{self.ports['zmq_control']}",
+            zmq_info=f"tcp://127.0.0.1:{self.ports['zmq_info']}", ca_env=self.env,
+            passwords=self.passwords, observers=OBSERVERS, web_users=tuple(WEB_USERS),
+            ports={name: self.ports[name] for name in self.ports
+                   if name in ("http", "https", "httpserver") or name.startswith("seat:")},
+            dirs={"httpserver": self.home("httpserver"), "nginx": self.home("nginx"),
+                  "tls": self.tls_dir},
+            httpserver_user=ACCOUNTS["httpserver"], nginx_user=ACCOUNTS["nginx"],
+            env=self.env())
+        self.web.start(self.stack, say=lambda what: print(f"demo: starting {what} ...",
+                                                          flush=True))
+
     # ---- running ---------------------------------------------------------------------
     def start(self) -> None:
         for step, what in ((self.start_repeater, "CA repeater"),
@@ -172,6 +212,7 @@ class Demo:
                            (self.start_manager, "RE Manager + RE environment")):
             print(f"demo: starting {what} ...", flush=True)
             step()
+        self.start_web()
         self.write_env_file()
 
     def write_env_file(self) -> None:
@@ -236,7 +277,33 @@ The devices (the softIoc's ACF asks the lock's Gate:<group> PVs)
 Try: queue a scan, start it, then `lockctl acquire mine` (refused, names the queue); or
 `lockctl force-release drill` mid-scan (the RunEngine suspends) and resume it with
 lock_reacquire. See docs/queueserver.md.
+{self.web_sheet()}
 demo: ready
+"""
+
+    def web_sheet(self) -> str:
+        """The remote half: the URL, the CA to trust, the accounts, the HTTP queue API."""
+        web = self.web
+        ca = web.ca_file
+        width = max(map(len, WEB_USERS))
+        accounts = "\n".join(f"  {user:<{width}}  {self.passwords[user]:<12}  {role}"
+                             for user, role in WEB_USERS.items())
+        return f"""
+Remote users (docs/remote.md): the web page at  {web.url}/
+  nginx (as {ACCOUNTS['nginx']}) on HTTPS {self.ports['https']} (HTTP {self.ports['http']} \
+redirects), bluesky-httpserver {self.ports['httpserver']} (as {ACCOUNTS['httpserver']}), \
+a seat per user (as that user)
+  The certificate is signed by a local CA, made once and kept: {ca}
+  (a browser: import it as an authority, or accept the warning; Python: SSL_CERT_FILE)
+  user{' ' * (width - 4)}  password      role
+{accounts}
+The queue over HTTPS (bluesky-queueserver-api), e.g. in a Python shell:
+  import os; os.environ["SSL_CERT_FILE"] = "{ca}"
+  from bluesky_queueserver_api import BPlan
+  from bluesky_queueserver_api.http import REManagerAPI
+  RM = REManagerAPI(http_server_uri="{web.url}", http_auth_provider="/{services.PASSWORD_PROVIDER}/token")
+  RM.login("alice", password="{self.passwords['alice']}")
+  RM.item_add(BPlan("count", ["det"], num=5)); RM.queue_start(); RM.status()
 """
 
 
@@ -248,7 +315,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="make demo", description=__doc__.split("\n\n")[0])
     p.add_argument("--free-ports", action="store_true",
                    help="use free ports instead of the fixed ones (CA 5074/5076, Redis "
-                        "6390, ZMQ 60615/60625)")
+                        "6390, ZMQ 60615/60625, HTTPS 8443, HTTP 8080, httpserver 60610, "
+                        "seats 41001-41004)")
+    p.add_argument("--tls-dir", help="where nginx's local CA and certificate are made once "
+                                     "and kept (default: PREFIX/var/demo-tls)")
     p.add_argument("--workdir", help="directory for configs, state and logs (default: a new "
                                      "temporary directory, removed on a clean stop)")
     p.add_argument("--keep", action="store_true", help="keep the temporary directory")

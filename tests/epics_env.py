@@ -176,7 +176,13 @@ class Server:
         return self.launched.proc if self.launched else None
 
     def start(self, wait: bool = True) -> "Server":
-        self.launched = services.Launched(self.describe(), self.log_path).start()
+        """Start it (again after ``kill9()``/``stop()``: the same launch, whose hold on the
+        port, kept since a kill, lasts until it answers)."""
+        if self.launched is None or self.launched.running():
+            self.launched = services.Launched(self.describe(), self.log_path)
+        else:
+            self.launched.service = self.describe()
+        self.launched.start()
         if wait:
             self.wait_ready()
         return self

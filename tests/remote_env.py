@@ -1,55 +1,41 @@
-"""The remote half of the system on free loopback ports: bluesky-httpserver, one
-ophyd-websocket seat per web user, nginx in front (docs/remote.md).
+"""The remote half of the system on free loopback ports, for the tests and the benchmark:
+bluesky-httpserver, one ophyd-websocket seat per web user, nginx in front (docs/remote.md).
 
-Provisional: each service is described once, declaratively, by a small function that
-returns a :class:`Service` (command, environment, ports, readiness, stop, OS account,
-files to prepare), and :func:`start` runs any of them. This is the shape the one
-launcher (``demo/services.py``) takes, so moving these functions there is mechanical.
-
-:class:`RemoteStack` starts the whole system the way the tests and the benchmark need it:
-lock IOC, beamline softIoc with the ACF, Redis, RE Manager (``tests/qserver_env.py``),
-then httpserver, the seats and nginx; and it gives clients: the HTTPS URL, the local
-CA that signed nginx's certificate, logins and API keys, WebSockets through nginx.
+Each service is described once, in the launcher (``demo/services.py``: ``httpserver``,
+``web_seat``, ``web_gateway``, started together by ``WebAccess``), exactly as ``make demo``
+starts them. :class:`RemoteStack` is the tests' thin layer over it: the lock IOC, beamline
+softIoc with the ACF, Redis and RE Manager (``tests/epics_env.py``, ``tests/qserver_env.py``,
+themselves launcher services), then ``WebAccess`` on free ports into a launcher ``Stack``;
+and it gives clients what they need: the HTTPS URL, the local CA that signed nginx's
+certificate, logins and API keys, WebSockets through nginx.
 """
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import json
 import os
-import pwd
 import secrets
 import shutil
 import ssl
-import subprocess
-import sys
 import threading
 import time
-import urllib.request
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
-from demo.install import as_user
-from demo.processes import Child
+from epics_env import ME, TEST_CONFIG, CANetwork, LockIOC, user_dir  # puts demo/ on the path
+from ws_env import WsClient
 
-from epics_env import (ME, REPO, TEST_CONFIG, CANetwork, LockIOC, free_port, installation,
-                       user_dir)
-from ws_env import DEVICES, SEAT_ENV, WsClient, read_env_file
+from demo import services  # noqa: E402
+from demo.services import CERT_NAMES, PASSWORD_PROVIDER as PROVIDER  # noqa: E402,F401
 
-sys.path.insert(0, str(REPO / "clients" / "httpserver"))
-sys.path.insert(0, str(REPO / "clients" / "nginx"))
-import httpserver_config  # noqa: E402  clients/ is not a package
-import nginx_config  # noqa: E402
+httpserver_config = services.client_module("httpserver_config")
+nginx_config = services.client_module("nginx_config")
 
 #: nginx runs unprivileged: as Debian's www-data when started by root.
 NGINX_USER = "www-data" if os.getuid() == 0 else None
 #: bluesky-httpserver runs as the queue's account (the dictionary provider needs no more;
 #: PAM would need its group ``shadow``).
 HTTPSERVER_USER = "bluesky" if os.getuid() == 0 else None
-#: Where nginx's certificate is valid; clients use the first.
-CERT_NAMES = ("localhost", "127.0.0.1")
-#: The provider name of httpserver_config.dictionary_provider (demo and tests).
-PROVIDER = "local"
 #: OS accounts the web users of the tests are (created by .ci/setup-system): staff,
 #: operator, an observer (no lock group), and mallory, who has a password but no role.
 ACCOUNTS = ("alice", "bob", "operator", "observer", "mallory")
@@ -58,171 +44,6 @@ OBSERVERS = ("observer",)
 WEB_USERS = ("alice", "bob", "operator", "observer")
 
 
-@dataclasses.dataclass
-class Service:
-    """One server process, described once: what runs, as whom, where it listens, what
-    must exist before it starts, when it is ready, how long it may take to stop. The same
-    fields as the launcher's ``demo.services.Service``."""
-
-    name: str
-    argv: list[str]
-    env: dict[str, str]
-    #: OS account it runs as (like systemd's ``User=``); None: the caller's.
-    user: str | None = None
-    cwd: Path | None = None
-    ports: dict[str, int] = dataclasses.field(default_factory=dict)
-    #: Made before each start: ``.make(user)`` (a rendered config, a certificate ...).
-    files: list = dataclasses.field(default_factory=list)
-    ready: Callable[[], bool] | None = None
-    ready_timeout: float = 90.0
-    stop_timeout: float = 10.0
-
-
-def start(service: Service, log: Path) -> Child:
-    """Start ``service`` in its own process group, its output in ``log``, and wait until
-    it is ready. TERM then KILL to the group (``Child.stop``) ends it with every child."""
-    for item in service.files:
-        item.make(service.user)
-    child = Child(service.name, as_user(service.user, service.argv), env=service.env,
-                  log=log, cwd=service.cwd).start()
-    try:
-        child.wait_ready(service.ready or (lambda: True), service.ready_timeout)
-    except BaseException:
-        child.stop(service.stop_timeout)
-        raise
-    return child
-
-
-def account_env(env: Mapping[str, str], user: str | None) -> dict[str, str]:
-    """``env`` with HOME, USER and LOGNAME of the account the process runs as."""
-    out = dict(env)
-    if user is not None:
-        entry = pwd.getpwnam(user)
-        out.update(HOME=entry.pw_dir, USER=user, LOGNAME=user)
-    return out
-
-
-def http_ready(url: str, ca_file: Path | None = None) -> Callable[[], bool]:
-    """Ready when GET ``url`` answers 200 (HTTPS verified against ``ca_file``)."""
-    def check() -> bool:
-        context = ssl.create_default_context(cafile=str(ca_file)) if ca_file else None
-        with urllib.request.urlopen(url, timeout=2, context=context) as answer:
-            return answer.status == 200
-    return check
-
-
-# ---- files made before a start ---------------------------------------------------------
-@dataclasses.dataclass
-class HttpserverState:
-    """httpserver's state directory: its config (rendered at every start), the token-
-    signing secret (made once, kept: logins and keys survive restarts; it reaches the
-    process as ``QSERVER_HTTP_SERVER_SERVER_SECRET_KEYS``), the database's place."""
-
-    state: Path
-    config_text: str
-    env: dict[str, str]
-
-    def make(self, user: str | None) -> None:
-        self.state.mkdir(parents=True, exist_ok=True)
-        (self.state / "config.yml").write_text(self.config_text)
-        secret = self.state / "secret"
-        if not secret.exists():
-            secret.write_text(secrets.token_hex(32))
-            secret.chmod(0o600)
-        self.env["QSERVER_HTTP_SERVER_SERVER_SECRET_KEYS"] = secret.read_text().strip()
-        if user is not None:
-            subprocess.run(["chown", "-R", f"{user}:", str(self.state)], check=True)
-
-
-@dataclasses.dataclass
-class NginxRuntime:
-    """nginx's runtime directory (clients/nginx/nginx_config.py): config, auth.js, static
-    root, the local CA and certificate made at the first start; checked with ``nginx -t``
-    as the account that runs it."""
-
-    state: Path
-    cert_names: tuple[str, ...]
-    render_args: dict
-
-    def make(self, user: str | None) -> None:
-        conf = nginx_config.prepare(self.state, cert_names=self.cert_names, owner=user,
-                                    **self.render_args)
-        checked = nginx_config.check_config(conf, user)
-        if checked.returncode != 0:
-            raise RuntimeError(f"nginx -t rejected {conf}:\n{checked.stderr}")
-
-
-# ---- the services ----------------------------------------------------------------------
-def httpserver(state: Path, *, lock_config, passwords: Mapping[str, str],
-               observers: Iterable[str], zmq_control: str, zmq_info: str,
-               port: int | None = None, user: str | None = None,
-               access_token_max_age: float | None = None) -> Service:
-    """bluesky-httpserver as its docs say: ``uvicorn bluesky_httpserver.server:app`` with
-    ``QSERVER_HTTP_SERVER_CONFIG``, from the installation, as OS account ``user``; roles
-    from ``lock_config`` (a ``Config``), passwords from ``passwords`` (dictionary provider
-    ``local``). Its secret and its database of sessions and API keys live in ``state``."""
-    port = port or free_port()
-    settings = httpserver_config.render(
-        lock_config, provider=httpserver_config.dictionary_provider(passwords),
-        observers=observers, access_token_max_age=access_token_max_age)
-    env = account_env(os.environ, user)
-    env.update(QSERVER_HTTP_SERVER_CONFIG=str(state / "config.yml"),
-               BLUESKY_HTTPSERVER_STATE=str(state), QSERVER_ZMQ_CONTROL_ADDRESS=zmq_control,
-               QSERVER_ZMQ_INFO_ADDRESS=zmq_info, PYTHONUNBUFFERED="1")
-    return Service(
-        "bluesky-httpserver",
-        [str(installation().script("uvicorn")), "--host", "127.0.0.1", "--port", str(port),
-         "bluesky_httpserver.server:app"],
-        env, user=user, cwd=state, ports={"http": port},
-        files=[HttpserverState(state, httpserver_config.dump(settings, lock_config.source),
-                               env)],
-        # /api/auth/scopes answers without the RE Manager (200, empty for no credentials).
-        ready=http_ready(f"http://127.0.0.1:{port}/api/auth/scopes"))
-
-
-def seat(net: CANetwork, *, web_user: str, lock_prefix: str, beamline_prefix: str,
-         port: int | None = None, user: str | None = None) -> Service:
-    """One ophyd-websocket seat for ``web_user``: ``clients/websocket/seat.env``, lock
-    session ``web:<web_user>``, listening on loopback only, run as OS account ``user``
-    (the web user's own account, so that its CA identity is theirs) from the
-    installation every account runs (``demo/install.py``)."""
-    port = port or free_port()
-    inst = installation()
-    env = account_env(net.client_env(), user)
-    env.update(read_env_file(SEAT_ENV))
-    env.update(OAS_HOST="127.0.0.1", OAS_PORT=str(port), LOCK_PREFIX=lock_prefix,
-               BEAMLINE_PREFIX=beamline_prefix, LOCK_SESSION=f"web:{web_user}",
-               LOCK_ALLOW_FREE_WRITES="0", LOCK_CONNECT_TIMEOUT="10", PYTHONUNBUFFERED="1")
-
-    def lists_devices() -> bool:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/v1/devices",
-                                    timeout=2) as answer:
-            return tuple(sorted(json.load(answer).get("devices", []))) == DEVICES
-
-    return Service(f"ophyd-websocket seat of {web_user}",
-                   [str(inst.script("ophyd-websocket"))], env, user=user, cwd=inst.share,
-                   ports={"http": port}, ready=lists_devices)
-
-
-def nginx(state: Path, *, httpserver_port: int, seats: Mapping[str, int],
-          http_port: int | None = None, https_port: int | None = None,
-          user: str | None = NGINX_USER) -> Service:
-    """Debian's nginx as an unprivileged process (``user``) on loopback ports, its whole
-    runtime directory in ``state`` (config, auth.js, static root, certificate made at the
-    first start). Ready when ``/`` answers over TLS verified against its local CA."""
-    http_port, https_port = http_port or free_port(), https_port or free_port()
-    runtime = NginxRuntime(state, CERT_NAMES, dict(
-        http_port=http_port, https_port=https_port, httpserver=f"127.0.0.1:{httpserver_port}",
-        seats=dict(seats), device_scope=httpserver_config.DEVICE_SCOPE))
-    return Service("nginx", [nginx_config.NGINX, "-c", str(state / "nginx.conf"), "-e", "stderr"],
-                   account_env(os.environ, user), user=user, cwd=state,
-                   ports={"http": http_port, "https": https_port}, files=[runtime],
-                   ready=http_ready(f"https://{CERT_NAMES[0]}:{https_port}/",
-                                    state / "tls" / "ca.crt"),
-                   ready_timeout=20)
-
-
-# ---- the whole system ------------------------------------------------------------------
 def lock_config_text(prefix: str, state: Path) -> str:
     """The tests' lock config; this process's account (the RE worker's) is in ``queue``."""
     return TEST_CONFIG.format(prefix=prefix, state=state).replace(
@@ -265,8 +86,12 @@ class RemoteStack:
         self.access_token_max_age = access_token_max_age
         self.open_environment = open_environment
         self.beamline = None
-        self.services: dict[str, Service] = {}
-        self.running: dict[str, Child] = {}
+        self.access: services.WebAccess | None = None
+        #: The launcher's stack the remote half runs in (logs: ``log(name)``).
+        self.stack = services.Stack(workdir)
+        self.services: dict[str, services.Service] = {}
+        self.running: dict[str, services.Launched] = {}
+        self._launched: dict[str, services.Launched] = {}
         self._started: list = []
         self._ssl_cert_file = os.environ.get("SSL_CERT_FILE")   # api() sets it; stop() restores
 
@@ -281,46 +106,46 @@ class RemoteStack:
             self._started.append(self.redis.start())
             self._started.append(self.manager.start(self.open_environment))
             self.describe()
-            for name in self.services:
-                self.start_service(name)
+            self._launched = self.access.start(self.stack, described=self.services)
+            self.running = dict(self._launched)
         except BaseException:
             self.stop()
             raise
         return self
 
     def describe(self) -> None:
-        """Describe httpserver, the seats and nginx (ports fixed from here on)."""
-        from lock_ioc.config import load
-        hs = httpserver(self.state["httpserver"],
-                        lock_config=load(self.lock.config), passwords=self.passwords,
-                        observers=self.observers, zmq_control=self.manager.control_addr,
-                        zmq_info=self.manager.info_addr, user=HTTPSERVER_USER,
-                        access_token_max_age=self.access_token_max_age)
-        self.services["httpserver"] = hs
-        for user in self.web_users:
-            self.services[f"seat:{user}"] = seat(
-                self.net, web_user=user, lock_prefix=self.LOCK,
-                beamline_prefix=self.BEAMLINE, user=user if self.seat_users else None)
-        self.services["nginx"] = nginx(
-            self.state["nginx"], httpserver_port=hs.ports["http"],
-            seats={u: self.services[f"seat:{u}"].ports["http"] for u in self.web_users})
+        """Describe httpserver, the seats and nginx (``demo.services.WebAccess``) on free
+        ports, fixed from here on."""
+        self.access = services.WebAccess(
+            lock_config=self.lock.config, lock_prefix=self.LOCK,
+            beamline_prefix=self.BEAMLINE, zmq_control=self.manager.control_addr,
+            zmq_info=self.manager.info_addr, ca_env=self.net.client_env,
+            passwords=self.passwords, observers=self.observers, web_users=self.web_users,
+            ports=services.WebAccess.free_ports(self.web_users),
+            dirs={**self.state, "tls": self.state["nginx"] / "tls"},
+            httpserver_user=HTTPSERVER_USER, nginx_user=NGINX_USER,
+            seats_as_web_users=self.seat_users and os.getuid() == 0,
+            access_token_max_age=self.access_token_max_age)
+        self.services = self.access.services()
 
     def log(self, name: str) -> Path:
         """Where service ``name`` ("httpserver", "seat:alice", "nginx") writes its output."""
-        return self.workdir / f"{name.replace(':', '-')}.log"
+        return self.workdir / f"{services.WebAccess.log_name(name)}.log"
 
-    def start_service(self, name: str) -> Child:
-        self.running[name] = start(self.services[name], self.log(name))
+    def start_service(self, name: str) -> services.Launched:
+        """Start service ``name`` again after ``stop_service``."""
+        self.running[name] = self.stack.restart(self._launched[name])
         return self.running[name]
 
     def stop_service(self, name: str) -> None:
-        child = self.running.pop(name, None)
-        if child is not None:
-            child.stop(self.services[name].stop_timeout)
+        """Stop service ``name``; its ports stay held for ``start_service``."""
+        launched = self.running.pop(name, None)
+        if launched is not None:
+            launched.stop(hold=True)
 
     def stop(self) -> None:
-        for name in reversed(list(self.running)):
-            self.stop_service(name)
+        self.stack.stop()
+        self.running.clear()
         for part in reversed(self._started):
             part.stop()
         self._started.clear()

@@ -1,20 +1,25 @@
-"""The one-command demo (``python -m demo``, ``make demo``) starts the whole system and a
-Ctrl-C or SIGTERM stops every process it started: nothing is left running."""
+"""The one-command demo (``python -m demo``, ``make demo``) starts the whole system (the
+remote half too: httpserver, a seat per web user, nginx with the web page over HTTPS) and
+a Ctrl-C or SIGTERM stops every process it started: nothing is left running."""
 from __future__ import annotations
 
+import json
 import os
+import re
 import signal
+import ssl
 import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 
 from demo import services
-from epics_env import REPO, free_port, user_dir
+from epics_env import REPO, free_port, installation, user_dir
 
 
 @pytest.fixture
@@ -99,20 +104,28 @@ def test_demo_starts_everything_and_ctrl_c_stops_everything(workdir):
     tmp_path = workdir
     demo = DemoRun(tmp_path)
     try:
-        demo.wait_for("demo: ready", 180)
+        # Eleven services, four of them ophyd-websocket seats loading the startup directory.
+        demo.wait_for("demo: ready", 300)
         out = demo.output()
         for hint in ("lockctl acquire", "qserver queue add plan", "caput", "env.sh",
-                     "lock_reacquire"):
+                     "lock_reacquire", "REManagerAPI(http_server_uri=", "SSL_CERT_FILE"):
             assert hint in out, out
         running = " | ".join(demo_processes(tmp_path).values())
-        for part in ("caRepeater", "lock_ioc", "softIoc", "redis-server", "start-re-manager"):
+        for part in ("caRepeater", "lock_ioc", "softIoc", "redis-server", "start-re-manager",
+                     "bluesky_httpserver.server:app", "ophyd-websocket", "nginx: master",
+                     "nginx: worker"):
             assert part in running, running
-        for part, account in (("lock_ioc", "lockioc"), ("softIoc", "beamioc"),
-                              ("start-re-manager", "bluesky")):   # each its own account
+        for part, accounts in (("lock_ioc", {"lockioc"}), ("softIoc", {"beamioc"}),
+                               ("start-re-manager", {"bluesky"}),
+                               ("bluesky_httpserver.server:app", {"bluesky"}),
+                               ("nginx", {"www-data"}),        # master and worker
+                               # a seat per web user, each as that user
+                               ("ophyd-websocket", {"alice", "bob", "operator", "observer"})):
             owners = {services.process_owner(pid)
                       for pid, cmd in demo_processes(tmp_path).items()
                       if part in cmd and not cmd.split()[0].endswith("runuser")}
-            assert owners == {account}, (part, owners)
+            assert owners == accounts, (part, owners)
+
         # The cheat sheet's environment reaches the system: the RE worker's lock is there.
         env_sh = (tmp_path / "env.sh").read_text()
         assert "EPICS_CA_ADDR_LIST" in env_sh and "QSERVER_ZMQ_CONTROL_ADDRESS" in env_sh
@@ -128,10 +141,35 @@ def test_demo_starts_everything_and_ctrl_c_stops_everything(workdir):
         assert r.returncode != 0 and "ForceRelease: refused: the lock is not held" in \
             r.stdout + r.stderr, (line, r.stdout, r.stderr)
 
+        # The web page answers at the printed URL, over TLS verified against the printed CA,
+        # with this demo's settings; the accounts and the HTTP queue API work as printed
+        # (it queues a count and starts it: Ctrl-C comes while it runs).
+        url = re.search(r"the web page at\s+(https://localhost:\d+)/", out).group(1)
+        ca = Path(re.search(r"made once and kept: (\S+)", out).group(1))
+        assert not ca.is_relative_to(tmp_path)          # outlives the demo's work dir
+        tls = ssl.create_default_context(cafile=str(ca))
+        with urllib.request.urlopen(url + "/", context=tls, timeout=30) as page:
+            assert page.read().decode() == (
+                installation().share / "web" / "dist" / "index.html").read_text()
+        with urllib.request.urlopen(url + "/config.json", context=tls, timeout=30) as conf:
+            assert json.loads(conf.read()) == {"authProvider": "local",
+                                               "lockPrefix": "BL:LOCK:", "beamlinePrefix": "BL:"}
+        for user, role in (("alice", "staff"), ("bob", "staff"), ("operator", "operator"),
+                           ("observer", "observer")):
+            assert re.search(rf"^  {user} +[A-Za-z0-9]{{12}}  {role}: ", out, re.M), (user, out)
+        shell = out[out.index("e.g. in a Python shell:"):].splitlines()[1:]
+        snippet = "\n".join(line.strip() for line in shell if line.startswith("  "))
+        snippet += "\nprint(RM.status()['worker_environment_exists'])"
+        r = subprocess.run([sys.executable, "-c", snippet], capture_output=True, text=True,
+                           timeout=120)
+        assert r.returncode == 0 and r.stdout.splitlines()[-1] == "True", \
+            (snippet, r.stdout, r.stderr)
+
         demo.ctrl_c()
         assert demo.proc.wait(60) == 0, demo.output()
         assert "nothing left running" in demo.output()
         assert demo_processes(tmp_path) == {}
+        assert ca.is_file()                             # trusted once, kept
     finally:
         demo.kill()
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import pwd
+import re
 import ssl
 import urllib.error
 import urllib.request
@@ -21,7 +22,7 @@ from pathlib import Path
 import pytest
 from bluesky_queueserver_api import BPlan
 
-from epics_env import HOST, ME, identity, wait_until
+from epics_env import HOST, ME, identity, installation, wait_until
 from remote_env import RemoteStack
 from test_websocket import (device_set, error, pv_put, reply, subscribe_devices,
                             subscribe_pvs, value, web_acquire)
@@ -104,7 +105,7 @@ def test_each_service_runs_as_its_own_unprivileged_account(stack):
         assert accounts_of(stack, f"seat:{user}") == {user}
 
 
-def test_http_redirects_to_https_and_the_static_root_serves_the_placeholder(stack):
+def test_http_redirects_to_https_and_the_static_root_serves_the_web_page(stack):
     class NoRedirect(urllib.request.HTTPRedirectHandler):
         def redirect_request(self, *args, **kwargs):
             return None
@@ -115,9 +116,20 @@ def test_http_redirects_to_https_and_the_static_root_serves_the_placeholder(stac
     assert moved.value.code == 301
     assert moved.value.headers["Location"] == stack.url + "/ophyd/api/v1/devices?x=1"
 
+    # The page web/build made, as installed for nginx's account ...
     status, headers, body = get(stack.url + "/", stack.ssl_context())
     assert status == 200 and headers["Content-Type"].startswith("text/html")
-    assert "<h1>beamline-lock</h1>" in body
+    assert body == (installation().share / "web" / "dist" / "index.html").read_text()
+    assert "<title>Beamline — remote access</title>" in body
+    script = re.search(r'src="\./(assets/[^"]+\.js)"', body).group(1)
+    status, headers, _ = get(f"{stack.url}/{script}", stack.ssl_context())
+    assert status == 200 and "javascript" in headers["Content-Type"]
+    # ... with the settings of this stack, written when it started.
+    status, headers, body = get(stack.url + "/config.json", stack.ssl_context())
+    assert status == 200 and headers["Content-Type"] == "application/json"
+    assert headers["Cache-Control"] == "no-store"
+    assert json.loads(body) == {"authProvider": "local", "lockPrefix": stack.LOCK,
+                                "beamlinePrefix": stack.BEAMLINE}
 
 
 def test_tls_is_real_a_client_without_the_local_ca_refuses_the_certificate(stack):
@@ -315,3 +327,37 @@ def test_a_browser_sends_its_key_as_a_cookie_and_other_sites_pages_are_refused(s
     assert json.loads(refused.value.response.body)["detail"] == (
         "cross-origin request refused: Origin https://evil.example is not this site "
         f"({stack.url})")
+
+
+def test_the_console_stream_comes_through_nginx_as_it_is_written(stack):
+    """The page reads httpserver's console with a streaming GET (its key in the header).
+    nginx must pass each message on as it comes: buffered, not even the headers arrived."""
+    import queue
+    import threading
+
+    import httpx
+    key = stack.api_key("alice")
+    arrived: queue.Queue = queue.Queue()
+
+    def read() -> None:
+        try:
+            with httpx.Client(base_url=stack.url, verify=stack.ssl_context(),
+                              timeout=httpx.Timeout(10, read=60)) as client, \
+                    client.stream("GET", "/api/stream_console_output",
+                                  headers={"Authorization": f"ApiKey {key}"}) as answer:
+                arrived.put(("status", answer.status_code))
+                for chunk in answer.iter_text():    # JSON objects back to back, no newlines
+                    arrived.put(("text", chunk))
+        except httpx.HTTPError as exc:
+            arrived.put(("error", repr(exc)))
+
+    threading.Thread(target=read, daemon=True).start()
+    assert arrived.get(timeout=15) == ("status", 200)
+    alice = stack.api("alice")
+    try:
+        assert alice.queue_clear()["success"]     # the RE Manager logs it to the console
+        kind, text = arrived.get(timeout=15)
+        assert kind == "text" and text.startswith('{"time": '), text
+        assert "bluesky_queueserver.manager" in text, text
+    finally:
+        alice.close()

@@ -4,6 +4,7 @@ classes), nginx's rendered config (``nginx -t`` with the njs module), and the lo
 that ``make-cert`` makes at the first start (``openssl verify``)."""
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -13,7 +14,7 @@ import yaml
 from bluesky_httpserver.authorization import DictionaryAPIAccessControl
 from bluesky_httpserver.config import parse_configs
 
-from epics_env import REPO, TEST_CONFIG, user_dir
+from epics_env import REPO, TEST_CONFIG, installation, user_dir
 from lock_ioc.config import ConfigError, parse
 from remote_env import NGINX_USER, httpserver_config, nginx_config
 
@@ -92,8 +93,11 @@ def runtime():
 
 
 def test_rendered_nginx_config_passes_nginx_t_as_the_unprivileged_account(runtime):
+    web_root = installation().share / "web" / "dist"     # the installed page
     conf = nginx_config.prepare(runtime, cert_names=["localhost", "127.0.0.1"],
-                                owner=NGINX_USER, http_port=8080, https_port=8443,
+                                owner=NGINX_USER, web_root=web_root,
+                                web_config={"authProvider": "local", "lockPrefix": "BL:LOCK:"},
+                                http_port=8080, https_port=8443,
                                 httpserver="127.0.0.1:60610",
                                 seats={"alice": 41001, "bob": 41002},
                                 device_scope=httpserver_config.DEVICE_SCOPE)
@@ -102,7 +106,22 @@ def test_rendered_nginx_config_passes_nginx_t_as_the_unprivileged_account(runtim
     text = conf.read_text()
     assert "{{" not in text
     assert """js_var $bl_seats '{"alice": 41001, "bob": 41002}';""" in text
-    assert (runtime / "www" / "index.html").exists() and (runtime / "auth.js").exists()
+    assert f"root {web_root};" in text and (web_root / "index.html").is_file()
+    assert f"alias {runtime / 'config.json'};" in text
+    assert json.loads((runtime / "config.json").read_text()) == {
+        "authProvider": "local", "lockPrefix": "BL:LOCK:"}
+    assert (runtime / "auth.js").exists()
+    # The console stream is passed on as it comes (a long-lived streaming GET).
+    stream = text[text.index("location = /api/stream_console_output {"):]
+    stream = stream[:stream.index("}")]
+    assert "proxy_buffering off;" in stream and "proxy_read_timeout 1h;" in stream
+
+
+def test_nginx_without_a_built_page_says_how_to_build_it(runtime, tmp_path):
+    with pytest.raises(RuntimeError, match="no web page in .*: build it with web/build"):
+        nginx_config.prepare(runtime, cert_names=["localhost"], web_root=tmp_path,
+                             http_port=1, https_port=2, httpserver="127.0.0.1:3", seats={},
+                             device_scope="read:monitor")
 
 
 @pytest.mark.parametrize("seats", [{"al'ice": 1}, {"alice": 0}, {"alice": "41001"}])

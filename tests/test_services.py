@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from demo import services
-from epics_env import free_port, user_dir
+from epics_env import LockIOC, free_port, user_dir
 
 
 def _tcp_states(port: int) -> set[str]:
@@ -80,3 +80,35 @@ def test_an_https_service_under_its_own_account_with_a_cert_made_at_first_start(
         assert again.running()
     finally:
         stack.stop()
+
+
+def test_a_killed_server_gets_its_port_back_whatever_else_binds_meanwhile(net, tmp_path):
+    """``lock.kill9()`` then ``lock.start()`` failed now and then with ``OSError: [Errno 98]
+    Address already in use`` on the lock IOC's CA port. Root cause: while a server is down
+    its port is free for anyone on the machine. Our ports come from the kernel's ephemeral
+    range, which is where the kernel binds every client socket (a CA client's UDP search
+    socket, the CA repeater's socket for each client, a TCP connection's local end), and
+    the CA repeater and other test runs bind free ports explicitly (the repeater's bind test
+    of a client's port, ``free_port``'s probe). Whoever holds the port when the server
+    binds it again wins. Here a bystander binds it, deterministically, as any of them may:
+    the launcher must hold the port from the kill until the server answers again."""
+    ioc = LockIOC(net, tmp_path).start()
+    bystanders = []
+    try:
+        ioc.kill9()
+        refused = []
+        for kind, where in ((socket.SOCK_DGRAM, "0.0.0.0"), (socket.SOCK_DGRAM, "127.0.0.1"),
+                            (socket.SOCK_STREAM, "127.0.0.1")):
+            bystander = socket.socket(socket.AF_INET, kind)
+            bystanders.append(bystander)
+            try:
+                bystander.bind((where, ioc.port))
+            except OSError:
+                refused.append((kind, where))
+        ioc.start()                         # was: lock IOC exited with 1 ... [Errno 98]
+        assert net.caget(ioc.pv("State")) == "Free"
+        assert len(refused) == 3, refused   # nobody else got the port while it was down
+    finally:
+        for bystander in bystanders:
+            bystander.close()
+        ioc.stop()
