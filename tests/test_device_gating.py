@@ -60,8 +60,7 @@ def test_only_the_holder_writes_not_the_rest_of_its_group(net, lock_ioc, beamlin
 
 
 def test_a_shared_group_writes_while_a_member_holds(net, tmp_path):
-    config = TEST_CONFIG.replace("staff:    {{users: [alice, bob]}}",
-                                 "staff:    {{users: [alice, bob], shared: true}}")
+    config = TEST_CONFIG.replace("users: [alice, bob],", "users: [alice, bob], shared: true,")
     assert "shared: true" in config
     lock = LockIOC(net, tmp_path, config_text=config.format(
         prefix="TST:LOCK:", state=tmp_path / "s.sqlite3")).start()
