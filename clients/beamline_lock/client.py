@@ -688,13 +688,15 @@ class BeamlineLock:
 
     def acquire(self, session: str | None = None, lease: float | None = None,
                 note: str | None = None, wait: float | None = None, *,
-                keep_alive: bool = False) -> LockStatus:
+                keep_alive: bool = False, task: str | None = None) -> LockStatus:
         """Acquire (or, if we hold it under this session, renew) the lock.
 
         ``wait``: seconds to wait for a held or disabled lock to become Free (woken by
         the State monitor), None to fail at once with :class:`LockHeld`.
         ``keep_alive``: renew in the background at a third of the lease until
-        :meth:`release`. Returns the status showing our grant.
+        :meth:`release`. ``task``: the running task an unattended holder (the queue)
+        declares ("" ends it): a higher-authority request then waits for its end.
+        Returns the status showing our grant.
         """
         session = session or self.session
         if not session:
@@ -706,6 +708,8 @@ class BeamlineLock:
         body: dict[str, Any] = {"session": session, "lease": lease}
         if note is not None:
             body["note"] = note
+        if task is not None:
+            body["task"] = task
         text = json.dumps(body)
         deadline = None if wait is None else time.monotonic() + wait
         while True:
@@ -847,17 +851,25 @@ class BeamlineLock:
             self._wait_for_grant(session, wait, message)
         return self.status("granted" if self._grant is not None else "requested")
 
-    def _wait_for_grant(self, session: str, wait: float, message: str) -> None:
-        deadline = time.monotonic() + wait
+    def await_grant(self, timeout: float | None = None) -> bool:
+        """Wait (event-driven) until our waiting request is granted: True; False after
+        ``timeout`` s with the request still waiting; :class:`RequestLapsed` if it left
+        the line without a grant."""
+        deadline = None if timeout is None else time.monotonic() + timeout
         with self._cond:
-            self._cond.wait_for(lambda: self._grant is not None or self._request is None,
-                                max(0.0, deadline - time.monotonic()))
+            while self._grant is None and self._request is not None:
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    return False
+                self._cond.wait(left)
             if self._grant is not None:
-                return
-            lapsed = self._request is None
-        if lapsed:
-            raise RequestLapsed(f"our request (session {session}) left the line without "
-                                f"a grant; the lock is {self._now_text()}")
+                return True
+        raise RequestLapsed(f"our request left the line without a grant; the lock is "
+                            f"{self._now_text()}")
+
+    def _wait_for_grant(self, session: str, wait: float, message: str) -> None:
+        if self.await_grant(wait):
+            return
         try:
             self.withdraw(session)
         except LockRefused:
@@ -895,10 +907,10 @@ class BeamlineLock:
         session = session or (req.session if req else self.session)
         if not session:
             raise ValueError("withdraw needs a session name")
+        mark = self._send("Withdraw", session)   # a grant meanwhile is still adopted
         with self._cond:
             if self._request is not None and self._request.session == session:
                 self._request = None
-        mark = self._send("Withdraw", session)
         self._confirm(mark, lambda: True, "the withdrawal")
         return self.status("withdrawn")
 
