@@ -231,6 +231,10 @@ class LockIOCBase(PVGroup):
         if self.store_error:
             log.warning("the lock's store can be written again")
             self.store_error = ""
+        if out.state.token != self.lock_state.token:
+            # Every new grant announces itself with State first, also Held -> Held (a
+            # hand-over): clients tell holding periods apart by State's update.
+            self._published.pop("State", None)
         self.lock_state = out.state
         self.undurable = None
         self.event_lines.extend(out.events)

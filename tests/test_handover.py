@@ -228,3 +228,28 @@ def test_hand_over_racing_a_force_release(net, lock_ioc):
         assert net.caget(lock_ioc.pv("WaiterCount")) == "0"
     print("orders seen:", orders)
     assert "Traceback" not in lock_ioc.log()
+
+
+def test_a_hand_over_announces_the_new_grant_with_state_first(net, lock_ioc, tmp_path):
+    """Clients tell holding periods apart by State's update, which the IOC writes first
+    for every grant (the web page hides Owner/Session/Note older than State: an empty
+    Note is never forwarded by ophyd-websocket). A hand-over goes Held -> Held: State
+    must be written again all the same, before the new Owner, Session and Token."""
+    from ca_clients import Camonitor
+    assert put(net, lock_ioc, "Acquire", '{"session": "align", "note": "DCM"}',
+               "alice").returncode == 0
+    assert put(net, lock_ioc, "Request", "edge", "bob").returncode == 0
+    names = [lock_ioc.pv(s) for s in ("State", "Owner", "Token")]
+    mon = Camonitor(net, names, tmp_path / "camonitor.txt", "-S", "-t", "s")
+    try:
+        wait_until(lambda: all(mon.lines(n) for n in names), 10, what="camonitor connected")
+        assert put(net, lock_ioc, "Handover", "align", "alice").returncode == 0
+        wait_until(lambda: len(mon.lines(lock_ioc.pv("Token"))) == 2, 10, what="the new token")
+    finally:
+        mon.stop()
+    states = mon.lines(lock_ioc.pv("State"))
+    assert len(states) == 2 and states[1].split()[-1] == "Held", states
+    def stamp(line: str) -> str:
+        return " ".join(line.split()[1:3])   # `-t s`: the IOC's time stamp, sortable text
+    new_state, new_owner, new_token = (stamp(mon.lines(n)[-1]) for n in names)
+    assert new_state <= new_owner <= new_token, (new_state, new_owner, new_token)
