@@ -293,18 +293,23 @@ def check_session(what):
     return None
 """
 
-#: What each command button's script does after BOB_SEND (``QUESTION``: the W.confirm).
-BOB_BUILD = {
-    "acquire": """
+def _bob_take(button: str) -> str:
+    """Acquire and Request: JSON from the Session, Lease and Note entries."""
+    return f"""
 session = value_of("acquire_session")
 if session:
-    request = lease({"session": session})
+    request = lease({{"session": session}})
     if value_of("acquire_note"):
         request["note"] = value_of("acquire_note")
     send(json.dumps(request))
 else:
-    refuse("Type a session name in Session and press Enter, then Acquire.")
-""",
+    refuse("Type a session name in Session and press Enter, then {button}.")
+"""
+
+
+#: What each command button's script does after BOB_SEND (``QUESTION``: the W.confirm).
+BOB_BUILD = {
+    "acquire": _bob_take("Acquire"),
     "renew": """
 session = check_session("Renew")
 if session is not None:
@@ -315,16 +320,7 @@ session = check_session("Release")
 if session is not None:
     send(session)
 """,
-    "request": """
-session = value_of("acquire_session")
-if session:
-    request = lease({"session": session})
-    if value_of("acquire_note"):
-        request["note"] = value_of("acquire_note")
-    send(json.dumps(request))
-else:
-    refuse("Type a session name in Session and press Enter, then Request.")
-""",
+    "request": _bob_take("Request"),
     "withdraw": """
 session = value_of("acquire_session")
 if session:

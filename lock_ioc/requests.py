@@ -102,12 +102,13 @@ def _lease(value: object, command: str, lease_max: float) -> float:
     return seconds
 
 
-def _note(value: object, command: str) -> str:
+def _text(value: object, key: str, command: str, limit: int) -> str:
+    """A free-text field (note, task): a string of at most ``limit`` characters."""
     if not isinstance(value, str):
-        raise Refused(f"{command}: note must be a string, got {json.dumps(value)}")
+        raise Refused(f"{command}: {key} must be a string, got {json.dumps(value)}")
     value = value.strip()
-    if len(value) > NOTE_MAX:
-        raise Refused(f"{command}: note too long ({len(value)} characters, at most {NOTE_MAX})")
+    if len(value) > limit:
+        raise Refused(f"{command}: {key} too long ({len(value)} characters, at most {limit})")
     return value
 
 
@@ -117,13 +118,6 @@ def _bool(value: object, key: str, command: str) -> bool:
     return value
 
 
-def _task(value: object, command: str) -> str:
-    if not isinstance(value, str):
-        raise Refused(f"{command}: task must be a string, got {json.dumps(value)}")
-    value = value.strip()
-    if len(value) > TASK_MAX:
-        raise Refused(f"{command}: task too long ({len(value)} characters, at most {TASK_MAX})")
-    return value
 
 
 def _identity(value: object, command: str) -> str:
@@ -167,9 +161,9 @@ def parse_session_request(text: str, command: str, *, lease_max: float,
     return SessionRequest(
         session=_session(body["session"], command),
         lease=_lease(body["lease"], command, lease_max) if "lease" in body else None,
-        note=_note(body["note"], command) if "note" in body else None,
+        note=_text(body["note"], "note", command, NOTE_MAX) if "note" in body else None,
         auto=_bool(body["auto"], "auto", command) if "auto" in body else None,
-        task=_task(body["task"], command) if "task" in body else None,
+        task=_text(body["task"], "task", command, TASK_MAX) if "task" in body else None,
     )
 
 

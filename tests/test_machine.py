@@ -572,6 +572,16 @@ RSTEP = st.sampled_from([k for k, n in WEIGHTS.items() for _ in range(n)]).flatm
     lambda kind: st.tuples(RSTEPS[kind], st.floats(min_value=0, max_value=10)))
 
 
+def _step(state: LockState, name: str, caller: str, text: str, now: float):
+    """One step: a command or the clock's tick; the outcome, None if nothing changed
+    (a refusal with no expiry found on the way)."""
+    try:
+        return R.expire(state, now) if name == "tick" else \
+            R.command(name, state, caller, text.encode(), now)
+    except Refused as exc:
+        return exc.pending
+
+
 def _check_fifo(before: LockState, out, *, named: bool) -> None:
     """FIFO within a level: a grant that is not a hand-over to a named waiter leaves
     nobody waiting who was ahead of the grantee (an outsider is behind everyone) at the
@@ -622,15 +632,9 @@ def test_handover_invariants_hold_for_any_sequence(steps):
         if caller == HOLDER:
             caller = state.owner or ALICE
         text = text.replace(HOLDER_SESSION, state.session or "s1")
-        try:
-            out = R.expire(state, now) if name == "tick" else \
-                R.command(name, state, caller, text.encode(), now)
-            if out is None:
-                continue
-        except Refused as exc:
-            if exc.pending is None:
-                continue
-            out = exc.pending
+        out = _step(state, name, caller, text, now)
+        if out is None:
+            continue
         new = out.state
         grants = [e for e in out.events if e.kind == "acquired"]
         tokens = [e.token for e in grants]
@@ -677,15 +681,9 @@ def test_no_waiter_is_granted_out_of_fifo_order_within_a_level(requests, ops):
         if name in ("Release", "Handover"):
             caller, session = state.owner or caller, state.session or session
         text = "beam" if name == "ForceRelease" else session
-        try:
-            out = R.expire(state, now) if name == "tick" else \
-                R.command(name, state, caller, text.encode(), now)
-            if out is None:
-                continue
-        except Refused as exc:
-            if exc.pending is None:
-                continue
-            out = exc.pending
+        out = _step(state, name, caller, text, now)
+        if out is None:
+            continue
         _check_fifo(state, out, named=False)
         _check_line_invariants(out.state, now)
         state = out.state

@@ -47,24 +47,21 @@ def seconds_type(allow_zero: bool = False) -> Callable[[str], float]:
 _positive = seconds_type()
 
 
-def _count(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected at least 1, got {value}")
-    return value
+def whole_number(what: str = "a whole number") -> Callable[[str], int]:
+    """An argparse ``type`` for a whole number of 1 or more (``what`` names it)."""
+    def number(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+        if value < 1:
+            raise argparse.ArgumentTypeError(f"expected at least 1, got {value}")
+        return value
+    return number
 
 
-def _token(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a token number, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a token of 1 or more, got {value}")
-    return value
+_count = whole_number()
+_token = whole_number("a token number")
 
 
 DEFAULT_PREFIX = "BL:LOCK:"
