@@ -141,6 +141,27 @@ def test_lock_ioc_down_fails_safe_and_recovers(net, tmp_path, lock_ioc, beamline
         restarted.stop()
 
 
+def test_lock_ioc_down_while_held_closes_even_the_holder(net, lock_ioc, beamline):
+    """Exclusive ACF, lock IOC gone while alice holds: closed for everyone, alice too
+    (HolderIndex and UserMap invalid); stopping still works. Restarted, the durable grant
+    is alice's again: she writes, bob does not."""
+    wait_until(lambda: can_write(net, beamline, "bob"), 15, what="gates connected")
+    assert net.caput(lock_ioc.pv("Acquire"), '{"session": "align", "lease": 600}',
+                     user="alice").returncode == 0
+    wait_until(lambda: not can_write(net, beamline, "bob"), 5, what="bob refused")
+    lock_ioc.kill9()
+    wait_until(lambda: not can_write(net, beamline, "alice"), 30, 0.2, what="closed for all")
+    for user in ("bob", "bluesky", "operator"):
+        assert not can_write(net, beamline, user), user
+    assert net.caput(beamline.pv("m1:STOP"), "1", user="bob", text=False).returncode == 0
+    restarted = LockIOC(net, lock_ioc.workdir, port=lock_ioc.port).start()
+    try:
+        wait_until(lambda: can_write(net, beamline, "alice"), 60, 0.5, what="alice again")
+        assert not can_write(net, beamline, "bob")
+    finally:
+        restarted.stop()
+
+
 def test_lock_served_under_another_prefix_and_its_acf_agree(net, tmp_path):
     """`lock-ioc --config C --prefix P` and `lockctl acf --config C --prefix P` name the
     same gates (the ACF used to read the config's prefix: every gated record read-only);
