@@ -512,7 +512,7 @@ class LockMachine:
         settled = self._settle(out, now)
         if settled.state.owner == caller and settled.state.mode == HELD:
             return Outcome(settled.state, settled.events,
-                           "Request: " + settled.message.lstrip("; "))
+                           "Request: " + settled.message)
         if state.mode == HELD:
             whom = f"the lock is {self.holder_text(state, now)}"
             if self.yield_to(queued) == caller:
