@@ -64,6 +64,8 @@ class W:
     lines: int = 1           # readback: multi-line, top-aligned
     mono: bool = False       # readback: fixed-width small font (history lines)
     last: int = 0            # readback: show only the last N lines, newest first
+    waiters: bool = False    # readback: $(P)Waiters (JSON) as one line per waiter, with
+                             # the time each has waited (redrawn on every Heartbeat)
     only: str = ""           # "bob" / "ui": a widget of one toolkit only ("" = both)
     gated: bool = False      # device panel: enabled only while the viewer's gate is 1
     units: str = ""
@@ -77,6 +79,11 @@ COMMAND_BUILDS = {
                '"note": <note entry, if any>}',
     "renew": 'JSON {"session": <the session shown>, "lease": <lease entry, if > 0>}',
     "release": "the session shown (the holder's own session)",
+    "request": 'JSON {"session": <session entry>, "lease": <lease entry, if > 0>, '
+               '"note": <note entry, if any>}: granted if the lock is yours to take, '
+               "else you wait in line",
+    "withdraw": "the session entry (the session of your request)",
+    "handover": "the session shown (the holder's own session): to the first in line",
     "reason": "the reason entry (required)",
     "reason_optional": "the reason entry (may be empty)",
 }
@@ -91,6 +98,8 @@ HISTORY_SHOWN = 5
 ENTER_HINT = "(press Enter in a field to apply what you typed)"
 #: What a disconnected State box says (PyDM), as lockctl does: the state is unknown.
 STATE_UNKNOWN = "Unknown"
+#: Waiters shown on the lock screen (``$(P)Waiters`` holds at most 8).
+WAITERS_SHOWN = 4
 
 
 def _row(y: int, label: str, name: str, pv: str, *, lines: int = 1, units: str = "",
@@ -118,6 +127,15 @@ def lock_screen() -> list[W]:
         y += 28
     ws += _row(y, "Last message", "message", "Message", lines=3)
     y += 60
+    ws += [W("label", "waiting_label", 10, y, LABEL_W, 24, text="Waiting"),
+           W("readback", "waiter_count", VALUE_X, y, 50, pv="WaiterCount", disconnected="?"),
+           W("label", "yield_label", VALUE_X + 60, y, 80, 24, text="Yields to"),
+           W("readback", "yield_to", VALUE_X + 140, y, VALUE_W - 140, pv="YieldTo")]
+    y += 28
+    ws += [W("readback", "waiters", VALUE_X, y, VALUE_W, 16 * WAITERS_SHOWN + 8, pv="Waiters",
+             lines=WAITERS_SHOWN, waiters=True),
+           W("label", "waiters_order", 10, y, LABEL_W, 20, text="first in line first")]
+    y += 16 * WAITERS_SHOWN + 12
     ws += _row(y, "History", "history", "History", lines=10, mono=True, last=HISTORY_SHOWN)
     ws.append(W("label", "history_order", 10, y + 24, LABEL_W, 20, text="newest first"))
     y += 158
@@ -138,6 +156,13 @@ def lock_screen() -> list[W]:
              build="renew"),
            W("command", "release", VALUE_X + 325, y, 145, 30, text="Release", pv="Release",
              build="release")]
+    y += 36
+    ws += [W("command", "request", VALUE_X, y, 145, 30, text="Request", pv="Request",
+             build="request"),
+           W("command", "withdraw", VALUE_X + 162, y, 145, 30, text="Withdraw", pv="Withdraw",
+             build="withdraw"),
+           W("command", "handover", VALUE_X + 325, y, 145, 30, text="Hand over",
+             pv="Handover", build="handover")]
     y += 44
     ws += [W("title", "operator_title", 10, y, 180, 24, text="Operators"),
            W("label", "operator_hint", 200, y, 410, 24, text=ENTER_HINT, only="bob")]
@@ -190,7 +215,7 @@ def device_panel() -> list[W]:
 
 
 SCREENS: dict[str, tuple[str, Callable[[], list[W]], tuple[int, int]]] = {
-    "lock": ("Beamline lock", lock_screen, (620, 728)),
+    "lock": ("Beamline lock", lock_screen, (620, 880)),
     "devices": ("Beamline devices", device_panel, (580, 258)),
 }
 
@@ -268,18 +293,23 @@ def check_session(what):
     return None
 """
 
-#: What each command button's script does after BOB_SEND (``QUESTION``: the W.confirm).
-BOB_BUILD = {
-    "acquire": """
+def _bob_take(button: str) -> str:
+    """Acquire and Request: JSON from the Session, Lease and Note entries."""
+    return f"""
 session = value_of("acquire_session")
 if session:
-    request = lease({"session": session})
+    request = lease({{"session": session}})
     if value_of("acquire_note"):
         request["note"] = value_of("acquire_note")
     send(json.dumps(request))
 else:
-    refuse("Type a session name in Session and press Enter, then Acquire.")
-""",
+    refuse("Type a session name in Session and press Enter, then {button}.")
+"""
+
+
+#: What each command button's script does after BOB_SEND (``QUESTION``: the W.confirm).
+BOB_BUILD = {
+    "acquire": _bob_take("Acquire"),
     "renew": """
 session = check_session("Renew")
 if session is not None:
@@ -287,6 +317,19 @@ if session is not None:
 """,
     "release": """
 session = check_session("Release")
+if session is not None:
+    send(session)
+""",
+    "request": _bob_take("Request"),
+    "withdraw": """
+session = value_of("acquire_session")
+if session:
+    send(session)
+else:
+    refuse("Type the session of your request in Session and press Enter, then Withdraw.")
+""",
+    "handover": """
+session = check_session("Hand over")
 if session is not None:
     send(session)
 """,
@@ -318,6 +361,29 @@ if PV.isDisconnected(value):
 else:
     lines = [l for l in ValueUtil.getString(value, True).splitlines() if l.strip()]
     text = "\\n".join(reversed(lines[-LAST:]))
+widget.setPropertyValue("text", text)
+"""
+
+
+#: The Waiters box (a label widget): one line per waiter, first in line first, with how
+#: long each has waited; run on every Waiters update and every Heartbeat (each second).
+BOB_WAITERS = """\
+from org.csstudio.display.builder.runtime.script import ValueUtil
+from org.phoebus.pv import PV
+import json
+import time
+
+value = pvs[0].read()
+if PV.isDisconnected(value):
+    text = "<" + pvs[0].getName() + ">"
+else:
+    lines = []
+    now = time.time()
+    for i, w in enumerate(json.loads(ValueUtil.getString(value, True) or "[]")[:SHOWN]):
+        note = (" '" + w["note"] + "'") if w["note"] else ""
+        lines.append("%d. %s session %s, %d s%s" % (i + 1, w["who"], w["session"],
+                                                    max(0, now - w["since"]), note))
+    text = "\\n".join(lines) or "nobody"
 widget.setPropertyValue("text", text)
 """
 
@@ -360,12 +426,20 @@ def _bob_widget(w: W) -> str:
                 f"{geo}{font}</widget>")
     if w.kind in ("readback", "state"):
         extra = ""
-        if is_text(w) and not w.last:
+        if is_text(w) and not w.last and not w.waiters:
             extra += "<format>6</format>"
         if w.lines > 1:
             extra += "<vertical_alignment>0</vertical_alignment><wrap_words>true</wrap_words>"
             family = "Liberation Mono" if w.mono else "Liberation Sans"
             extra += f'<font><font family="{family}" style="REGULAR" size="11.0"/></font>'
+        if w.waiters:
+            # A label whose text a script sets (see BOB_WAITERS); no primary PV.
+            script = escape(_bob_script(BOB_WAITERS, SHOWN=w.lines))
+            return (f'<widget type="label" version="2.0.0">{name}<text>&lt;{pv}&gt;</text>'
+                    f"{geo}{extra}<tooltip>{pv}: who waits, first in line first, and for "
+                    f'how long</tooltip><scripts><script file="EmbeddedPy" '
+                    f'check_connections="false"><text>{script}</text><pv_name>{pv}</pv_name>'
+                    f"<pv_name>$(P)Heartbeat</pv_name></script></scripts></widget>")
         if w.last:
             # A label whose text a script sets (see BOB_HISTORY); no primary PV.
             script = escape(_bob_script(BOB_HISTORY, LAST=w.last))
@@ -468,7 +542,8 @@ def _pydm_widget(w: W, dx: int = 0, dy: int = 0) -> str:
                 f"{_string('text', text)}</widget>")
     if w.kind in ("readback", "state"):
         props = _string("channel", _pydm_pv(w), False)
-        tip = f": the last {w.last} events, newest first" if w.last else ""
+        tip = f": the last {w.last} events, newest first" if w.last else \
+            ": who waits, first in line first, and for how long" if w.waiters else ""
         props += _string("toolTip", _pydm_macros(pv_of(w)) + tip)
         if is_text(w):
             props += _prop("displayFormat", "<enum>PyDMLabel::String</enum>", False)
@@ -481,6 +556,10 @@ def _pydm_widget(w: W, dx: int = 0, dy: int = 0) -> str:
             # label keeps it (displayLabelText) but still shows the PV's alarm border.
             props += _prop("displayLabelText", "<bool>true</bool>", False)
             props += _prop("lastLines", f"<number>{w.last}</number>", False)
+        if w.waiters:
+            # lock.py sets the text: one line per waiter with the time waited.
+            props += _prop("displayLabelText", "<bool>true</bool>", False)
+            props += _prop("waitersShown", f"<number>{w.lines}</number>", False)
         if w.lines > 1:
             props += _prop("wordWrap", "<bool>true</bool>")
             props += _prop("alignment", "<set>Qt::AlignLeft|Qt::AlignTop</set>")

@@ -56,9 +56,9 @@ prefix: "{prefix}"
 lease: {{default: 60, max: 3600}}
 state: {state}
 groups:
-  queue:    {{users: [bluesky, {me}]}}
-  staff:    {{users: [alice, bob]}}
-  operator: {{users: [operator, {me}], operator: true}}
+  queue:    {{users: [bluesky, {me}], authority: 10, unattended: true}}
+  staff:    {{users: [alice, bob], authority: 20}}
+  operator: {{users: [operator, {me}], operator: true, authority: 30}}
 """
 
 

@@ -9,6 +9,7 @@ import dataclasses
 import math
 import os
 import re
+import zlib
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -25,7 +26,9 @@ PREFIX = re.compile(r"^[A-Za-z0-9_:.\-{}\[\]<>;]{1,60}$")
 
 TOP_KEYS = {"prefix", "lease", "state", "groups", "history"}
 LEASE_KEYS = {"default", "max"}
-GROUP_KEYS = {"users", "hosts", "operator"}
+GROUP_KEYS = {"users", "hosts", "operator", "authority", "shared", "unattended"}
+#: Authority levels are small whole numbers (higher wins; the default is 0).
+AUTHORITY_RANGE = (-1000, 1000)
 
 
 class ConfigError(ValueError):
@@ -34,10 +37,19 @@ class ConfigError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class Group:
+    """An access group. ``authority``: a member's request for a lock held at a lower
+    level takes it at once (see :mod:`lock_ioc.machine`). ``shared``: device IOCs admit
+    every member while a member holds the lock (default: only the holder).
+    ``unattended``: holders from this group (the queue) may declare a running task, which
+    a higher-authority request waits for instead of taking the lock mid-task."""
+
     name: str
     users: tuple[str, ...]
     hosts: tuple[str, ...] = ()  # empty: any host
     operator: bool = False
+    authority: int = 0
+    shared: bool = False
+    unattended: bool = False
 
     def admits(self, user: str, host: str) -> bool:
         """Membership as EPICS access security's UAG + HAG would decide it."""
@@ -63,6 +75,34 @@ class Config:
     def group_names(self) -> tuple[str, ...]:
         return tuple(g.name for g in self.groups)
 
+    @property
+    def users(self) -> tuple[str, ...]:
+        """Every user name of the config, each once, in order of first appearance: the
+        numbers ``$(P)HolderIndex`` publishes (1-based) and the device IOCs' ACF compares."""
+        return tuple(dict.fromkeys(u for g in self.groups for u in g.users))
+
+    def user_index(self, user: str) -> int:
+        """1-based index of ``user`` in :attr:`users`; 0 if the config does not name it."""
+        try:
+            return self.users.index(user) + 1
+        except ValueError:
+            return 0
+
+    @property
+    def user_map(self) -> int:
+        """A checksum of :attr:`users` (31 bits): the ACF admits a holder by index only
+        while the lock IOC publishes the same map, so an ACF made from another user list
+        never lets the wrong person in."""
+        return zlib.crc32("\n".join(self.users).encode("utf-8")) & 0x7FFFFFFF
+
+    def authority_of(self, user: str, host: str) -> int | None:
+        """The highest authority of the groups admitting ``user@host`` (None: no group)."""
+        levels = [g.authority for g in self.groups_of(user, host)]
+        return max(levels) if levels else None
+
+    def is_unattended(self, user: str, host: str) -> bool:
+        return any(g.unattended for g in self.groups_of(user, host))
+
 
 def _fail(key: str, why: str) -> ConfigError:
     return ConfigError(f"{key}: {why}")
@@ -87,6 +127,13 @@ def _names(value: Any, key: str, pattern: re.Pattern, what: str) -> tuple[str, .
             raise _fail(f"{key}[{i}]", f"not a valid {what}: {item!r}")
         out.append(item)
     return tuple(out)
+
+
+def _flag(body: dict, name: str, key: str) -> bool:
+    value = body.get(name, False)
+    if not isinstance(value, bool):
+        raise _fail(f"{key}.{name}", f"expected true or false, got {value!r}")
+    return value
 
 
 def _unknown(found: dict, allowed: set, key: str) -> None:
@@ -145,10 +192,16 @@ def parse(data: Any, *, base_dir: Path, source: str) -> Config:
         if not users:
             raise _fail(f"{key}.users", "a group needs at least one user")
         hosts = _names(body.get("hosts"), f"{key}.hosts", HOST_NAME, "host name")
-        operator = body.get("operator", False)
-        if not isinstance(operator, bool):
-            raise _fail(f"{key}.operator", f"expected true or false, got {operator!r}")
-        groups.append(Group(name, users, tuple(h.lower() for h in hosts), operator))
+        operator, shared, unattended = (_flag(body, name, key)
+                                        for name in ("operator", "shared", "unattended"))
+        authority = body.get("authority", 0)
+        low, high = AUTHORITY_RANGE
+        if isinstance(authority, bool) or not isinstance(authority, int) \
+                or not low <= authority <= high:
+            raise _fail(f"{key}.authority", f"expected a whole number from {low} to {high} "
+                                            f"(higher wins), got {authority!r}")
+        groups.append(Group(name, users, tuple(h.lower() for h in hosts), operator,
+                            authority, shared, unattended))
 
     return Config(prefix=prefix, lease_default=lease_default, lease_max=lease_max,
                   state=state_path, groups=tuple(groups), history=history, source=source)

@@ -18,6 +18,8 @@ GATE_PREFIX = "Gate:"
 #: Longest text a command or text PV takes (bytes, UTF-8). Fits the default
 #: ``EPICS_CA_MAX_ARRAY_BYTES`` (16384) of every CA client.
 HISTORY_MAX = 16000
+#: Longest ``$(P)Waiters`` text (bytes): the most waiters with the longest notes fit.
+WAITERS_MAX = 16000
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,6 +71,24 @@ PVS: tuple[PVSpec, ...] = (
     PVSpec("LeaseDefault", "double", False, "Lease granted when a request names none.",
            units="s"),
     PVSpec("LeaseMax", "double", False, "Longest lease the lock grants.", units="s"),
+    PVSpec("AcquiredAt", "double", False,
+           "When the current grant (Token) began, POSIX seconds (0 when not held).", units="s"),
+    PVSpec("WaiterCount", "long", False, "How many requests wait for the lock."),
+    PVSpec("Waiters", "text", False,
+           'The requests waiting for the lock, first in line first: a JSON array of '
+           '{"who", "session", "note", "since", "expiry", "lease", "auto", "authority", '
+           '"group"} (since/expiry in POSIX seconds; "[]" when nobody waits).',
+           max_length=WAITERS_MAX),
+    PVSpec("YieldTo", "text", False,
+           "user@host of a higher-authority waiter the holder hands over to at the end of "
+           "its running task (the queue's plan); \"\" otherwise.", max_length=256),
+    PVSpec("HolderIndex", "long", False,
+           "Who holds the lock, as a number device IOCs' ACF compares: 0 Free, i the i-th "
+           "user of the config (1-based), -1 Disabled, -2 unknown (held by a user the "
+           "config does not list, or the shown state is not durable)."),
+    PVSpec("UserMap", "long", False,
+           "Checksum of the config's user list HolderIndex counts in; the ACF admits a "
+           "holder by index only while it matches."),
     # ---- commands -------------------------------------------------------------
     PVSpec("Acquire", "text", True,
            'Session name, or JSON {"session": s, "lease": seconds, "note": text}. '
@@ -81,13 +101,29 @@ PVS: tuple[PVSpec, ...] = (
            max_length=2048),
     PVSpec("Disable", "text", True, "Reason (required). Operators only.", max_length=2048),
     PVSpec("Enable", "text", True, "Reason (optional). Operators only.", max_length=2048),
+    PVSpec("Request", "text", True,
+           'Ask for the lock: session name, or JSON {"session": s, "lease": seconds, '
+           '"note": text, "auto": true}. Granted at once when the lock is Free and you are '
+           "first in line, or held at a lower authority (unless the holder runs a task); "
+           "else you wait in line. The request lapses unless renewed within its lease "
+           '(Request again); "auto": false waits for a Handover or an Acquire instead of '
+           "taking a released lock.", max_length=2048),
+    PVSpec("Withdraw", "text", True, "Session name of your request: leave the line.",
+           max_length=2048),
+    PVSpec("Handover", "text", True,
+           'Holder only: the holder\'s session (to the first in line), or JSON {"session": s, '
+           '"to": "user@host", "to_session": s, "requeue": true}. One step: a new Token '
+           'and owner; "requeue" puts the holder in line again.', max_length=2048),
     PVSpec("Ping", "long", True,
            "Accepts any integer and does nothing: a baseline for latency benchmarks."),
 )
 
 #: Gate PV template (one per configured group).
 GATE = PVSpec(GATE_PREFIX + "{group}", "long", False,
-              "1 while members of <group> may write gated devices, else 0.")
+              "1 while the lock admits <group>: Free, held by a member of <group>, or "
+              "Disabled for an operator group; else 0. Device IOCs admit a group's members "
+              "through it only where the config marks the group shared; otherwise only the "
+              "holder writes (HolderIndex).")
 
 BY_SUFFIX: dict[str, PVSpec] = {spec.suffix: spec for spec in PVS}
 COMMANDS: tuple[str, ...] = tuple(spec.suffix for spec in PVS if spec.command)

@@ -27,7 +27,7 @@ from caproto.server.server import PvpropertyByte
 from . import contract
 from .ca_server import REQUEST, STALL_TIMEOUT, LockServerContext
 from .config import Config
-from .machine import HELD, LockMachine, LockState, Outcome
+from .machine import HELD, UNKNOWN_INDEX, LockMachine, LockState, Outcome
 from .requests import Refused
 from .store import Store, StoreWriteError
 
@@ -183,6 +183,13 @@ class LockIOCBase(PVGroup):
             "Remaining": float(math.ceil(s.remaining(now))),
             "DisabledReason": s.reason,
             "History": self.event_lines.text,
+            "AcquiredAt": s.acquired if held else 0.0,
+            "WaiterCount": len(s.waiters),
+            "Waiters": self.machine.waiters_json(s),
+            "YieldTo": self.machine.yield_to(s),
+            # Fail closed while the shown state is not durable (as the gates).
+            "HolderIndex": self.machine.holder_index(s) if self.undurable is None
+            else UNKNOWN_INDEX,
         }
         for group, gate in self.machine.gates(s).items():
             # Fail closed while the shown state is not durable.
@@ -224,6 +231,10 @@ class LockIOCBase(PVGroup):
         if self.store_error:
             log.warning("the lock's store can be written again")
             self.store_error = ""
+        if out.state.token != self.lock_state.token:
+            # Every new grant announces itself with State first, also Held -> Held (a
+            # hand-over): clients tell holding periods apart by State's update.
+            self._published.pop("State", None)
         self.lock_state = out.state
         self.undurable = None
         self.event_lines.extend(out.events)
@@ -299,8 +310,8 @@ class LockIOCBase(PVGroup):
 
     async def _tick(self, heartbeat, next_beat: float) -> float:
         now = self.clock()
-        if self.lock_state.mode == HELD and now >= self.lock_state.expiry \
-                and now >= self._retry_at:
+        due = self.machine.deadline(self.lock_state)
+        if due is not None and now >= due and now >= self._retry_at:
             async with self.lock():
                 out = self.undurable or self.machine.expire(self.lock_state, self.clock())
                 if out is not None:
@@ -310,8 +321,9 @@ class LockIOCBase(PVGroup):
             next_beat = max(next_beat + 1.0, now + 0.5)
             await heartbeat.write(heartbeat.value + 1, verify_value=False)
         wait = min(TICK, max(0.0, next_beat - self.clock()))
-        if self.lock_state.mode == HELD:
-            until = self._retry_at if self.undurable is not None else self.lock_state.expiry
+        due = self.machine.deadline(self.lock_state)
+        if due is not None:
+            until = self._retry_at if self.undurable is not None else due
             wait = min(wait, max(0.0, until - self.clock()))
         await asyncio.sleep(wait + 0.001)
         return next_beat
@@ -412,7 +424,8 @@ def build_ioc(config: Config, *, prefix: str | None = None,
     initial = LockIOCBase.values(holder, clock())
     published = {suffix: (value, NO_ALARM) for suffix, value in initial.items()}
     initial.update(Message=expired.message if expired else "", Heartbeat=0,
-                   LeaseDefault=config.lease_default, LeaseMax=config.lease_max, Ping=0)
+                   LeaseDefault=config.lease_default, LeaseMax=config.lease_max, Ping=0,
+                   UserMap=config.user_map)
 
     namespace: dict[str, Any] = {}
     for spec in contract.PVS:

@@ -3,8 +3,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from demo import services
-from epics_env import REPO, CANetwork, Server, tool
+from epics_env import REPO, CANetwork, Server, tool  # first: puts the repository on sys.path
+
+from demo import services  # noqa: E402 - the launcher, found through epics_env
 
 DB = REPO / "db"
 

@@ -211,9 +211,9 @@ prefix: "{prefix}"
 lease: {{default: 60, max: 3600}}
 state: {state}
 groups:
-  queue:    {{users: [bluesky]}}
-  staff:    {{users: [alice, bob]}}
-  operator: {{users: [operator], operator: true}}
+  queue:    {{users: [bluesky], authority: 10, unattended: true}}
+  staff:    {{users: [alice, bob], authority: 20}}
+  operator: {{users: [operator], operator: true, authority: 30}}
 """
 
 

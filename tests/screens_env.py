@@ -364,7 +364,8 @@ def shoot(dest: Path) -> int:
     """Render the PyDM screens against real IOCs in a typical state, as PNGs in ``dest``.
 
     alice holds the lock (after three short queue sessions by bluesky: more History
-    than the box shows, newest first); the lock screen is seen by the OS user operator;
+    than the box shows, newest first) and bob waits for it; the lock screen is seen by
+    the OS user operator;
     the device panel as an ``operator`` member, once while alice holds the lock (greyed
     out) and once after she released it; last, the lock screen with the lock IOC stopped.
     """
@@ -390,11 +391,13 @@ def shoot(dest: Path) -> int:
             ("bluesky", "Release", "queue"))]
         for user, pv, value in queue + [
                 ("alice", "Acquire",
-                 '{"session": "align", "lease": 1800, "note": "aligning the DCM"}')]:
+                 '{"session": "align", "lease": 1800, "note": "aligning the DCM"}'),
+                ("bob", "Request", '{"session": "edge", "lease": 1800, "note": "Fe edge"}')]:
             net.caput(lock.pv(pv), value, user=user).check_returncode()
         screen = PyDMScreen(net, "lock", {"P": "BL:LOCK:"}, work / "pydm-lock.log")
         screens.append(screen)
-        wait_until(lambda: screen.prop("state", "lockState") == "Held", 30, 0.2)
+        wait_until(lambda: screen.prop("state", "lockState") == "Held"
+                   and screen.text("waiter_count") == "1", 30, 0.2)
         screen.type("acquire_session", "scan42")
         screen.type("acquire_note", "Fe K-edge XANES")
         screen.grab(dest / "pydm-lock.png")
@@ -403,6 +406,7 @@ def shoot(dest: Path) -> int:
         screens.append(panel)
         wait_until(lambda: panel.text("gate") == "0" and panel.text("m1_rbv"), 30, 0.2)
         panel.grab(dest / "pydm-devices-locked.png")
+        net.caput(lock.pv("Withdraw"), "edge", user="bob").check_returncode()
         net.caput(lock.pv("Release"), "align", user="alice").check_returncode()
         wait_until(lambda: panel.enabled("shutter_open"), 30, 0.2)
         panel.grab(dest / "pydm-devices.png")

@@ -198,7 +198,7 @@ def test_acf_renders_the_access_security_file(net, public_tmp):
     config.write_text(TEST_CONFIG.format(prefix="BL:LOCK:", state=tmp_path / "s.sqlite3"))
     r = lockctl(net, None, "acf", "--config", str(config))
     assert r.returncode == 0, r.stderr
-    assert "ASG(GATED)" in r.stdout and "BL:LOCK:Gate:staff" in r.stdout
+    assert "ASG(GATED)" in r.stdout and 'INPA("BL:LOCK:HolderIndex")' in r.stdout
     r = lockctl(net, None, "acf", "--config", str(config), "--asg", "MOTORS")
     assert r.returncode == 0, r.stderr
     assert "ASG(MOTORS)" in r.stdout
@@ -221,8 +221,8 @@ def test_acf_reads_the_gates_under_the_prefix_the_lock_is_served_under(net, publ
                  ("--prefix", "XF:31ID:LOCK:", "acf", "--config", str(config))):
         r = lockctl(net, None, *args)
         assert r.returncode == 0, r.stderr
-        assert 'INPB("XF:31ID:LOCK:Gate:staff")' in r.stdout and "BL:LOCK:" in r.stdout
-        assert '("BL:LOCK:Gate' not in r.stdout
+        assert 'INPA("XF:31ID:LOCK:HolderIndex")' in r.stdout and "BL:LOCK:" in r.stdout
+        assert '("BL:LOCK:' not in r.stdout
         assert "the gates are read under --prefix XF:31ID:LOCK:, not under the config's " \
                f"prefix BL:LOCK:: serve the lock IOC with the same prefix (lock-ioc " \
                f"--config {config} --prefix XF:31ID:LOCK:)" in r.stderr
@@ -233,7 +233,7 @@ def test_acf_reads_the_gates_under_the_prefix_the_lock_is_served_under(net, publ
     r = subprocess.run(lockctl_cmd("acf", "--config", str(config), user="alice"), env=env,
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 0 and r.stderr == "", r.stderr   # all agree: nothing to say
-    assert 'INPB("BL:LOCK:Gate:staff")' in r.stdout
+    assert 'INPA("BL:LOCK:HolderIndex")' in r.stdout
     r = lockctl(net, None, "acf", "--config", str(config), "--prefix", "bad prefix")
     assert r.returncode == 2 and "invalid lock prefix 'bad prefix'" in r.stderr
     r = lockctl(net, None, "acf", "--safe-asg", "GATED")
@@ -267,3 +267,111 @@ def test_history_is_read_with_lockctl_as_the_readme_says(net, lock):
     assert "lockctl history " in walk and "the form for scripts" in walk
     assert not re.search(r"^caget -S BL:LOCK:History", walk, re.MULTILINE), \
         "the walk-through reads History with caget -S (one line of \\n escapes)"
+
+
+# ---- requests and hand-over (issue 18) --------------------------------------------------
+def test_request_waiters_handover_and_history_by_token(net, lock_ioc):
+    """alice holds; bob asks with lockctl and is told his place; everyone sees the line;
+    alice hands over with lockctl; the grant is traced by its token."""
+    lock = lock_ioc
+    assert lockctl(net, lock, "acquire", "align", "--note", "DCM").returncode == 0
+    r = lockctl(net, lock, "request", "edge", "--note", "Fe edge", "--lease", "300",
+                user="bob")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith(f"waiting: place 1 of 1; held by {ALICE} (session align), "
+                               "who was told. The request lapses at "), r.stdout
+    assert "run 'lockctl request edge' again" in r.stdout
+    for user in ("alice", "mallory"):                  # everyone sees the line
+        r = lockctl(net, lock, "waiters", user=user)
+        assert r.returncode == 0, r.stderr
+        assert re.match(rf"1\. {BOB} session=edge staff \(authority 20\), waiting \d+ s, "
+                        r"takes it when released, request lapses in \d+ s, note 'Fe edge'$",
+                        r.stdout.strip()), r.stdout
+    (w,) = json.loads(lockctl(net, lock, "waiters", "--json").stdout)
+    assert (w["who"], w["session"], w["lease"]) == (BOB, "edge", 300)
+    st = lockctl(net, lock, "status").stdout
+    assert f"waiting:   1 ({BOB} (" in st, st
+
+    r = lockctl(net, lock, "handover", "edge", user="alice")
+    assert r.returncode == 1 and "do not hold the lock" in r.stderr   # not her session
+    r = lockctl(net, lock, "handover", "align", "--to", "mallory")
+    assert r.returncode == 1 and "mallory is not waiting for the lock" in r.stderr
+    r = lockctl(net, lock, "handover", "align", "--to", "bob")
+    assert r.returncode == 0, r.stderr
+    assert f"handed over: the lock is now held by {BOB} (session edge, note 'Fe edge'), " \
+           "token 2" in r.stdout
+    assert lockctl(net, lock, "waiters").stdout.strip() == "nobody is waiting for the lock"
+
+    r = lockctl(net, lock, "history", "--token", "2", user="mallory")
+    assert r.returncode == 0, r.stderr
+    (line,) = r.stdout.splitlines()
+    assert f" acquired {BOB} session=edge token=2 " in line and "handed over by" in line
+    one = lockctl(net, lock, "history", "--token", "1").stdout.splitlines()
+    assert [ln.split()[1] for ln in one] == ["acquired", "requested", "handed-over"], one
+    r = lockctl(net, lock, "history", "--token", "9")
+    assert r.returncode == 1 and "no event of token 9" in r.stderr
+    r = lockctl(net, lock, "history", "--token", "x")
+    assert r.returncode == 2 and "expected a token number" in r.stderr
+
+
+def test_request_wait_withdraw_requeue_and_refusals(net, lock_ioc):
+    lock = lock_ioc
+    r = lockctl(net, lock, "request", "free")          # Free: granted at once
+    assert r.returncode == 0 and r.stdout.startswith("granted: session free, token 1"), r.stdout
+    r = lockctl(net, lock, "request", "again")
+    assert r.returncode == 1 and f"you ({ALICE}) hold the lock" in r.stderr
+    r = lockctl(net, lock, "request", "m", user="mallory")
+    assert r.returncode == 1 and "is in no access group" in r.stderr
+    r = lockctl(net, lock, "handover", "free")
+    assert r.returncode == 1 and "nobody is waiting for the lock" in r.stderr
+    # --wait: bob is not granted within 2 s: his request is withdrawn, exit 1.
+    r = lockctl(net, lock, "request", "edge", "--wait", "2", user="bob")
+    assert r.returncode == 1 and "not granted within 2 s (request withdrawn)" in r.stderr
+    assert net.caget(lock.pv("WaiterCount")) == "0"
+    r = lockctl(net, lock, "withdraw", "edge", user="bob")
+    assert r.returncode == 1 and "have no request waiting" in r.stderr
+    # --wait while alice hands over (with requeue): bob's lockctl gets the lock.
+    proc = subprocess.Popen(lockctl_cmd("--prefix", lock.prefix, "request", "edge", "--wait",
+                                        "60", "--lease", "30", user="bob"),
+                            env=net.client_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        from epics_env import wait_until
+        wait_until(lambda: net.caget(lock.pv("WaiterCount")) == "1", 30, what="bob waits")
+        r = lockctl(net, lock, "handover", "free", "--requeue")
+        assert r.returncode == 0, r.stderr
+        assert "you wait in line again" in r.stdout
+        out, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert proc.returncode == 0, err
+    assert out.startswith("granted: session edge, token 2"), out
+    (w,) = json.loads(lockctl(net, lock, "waiters", "--json").stdout)
+    assert (w["who"], w["session"]) == (ALICE, "free")
+    assert lockctl(net, lock, "withdraw", "free").returncode == 0
+    assert net.caget(lock.pv("WaiterCount")) == "0"
+
+
+def test_watch_shows_who_waits(net, lock_ioc):
+    lock = lock_ioc
+    assert net.caput(lock.pv("Acquire"), '{"session": "align", "lease": 600}',
+                     user="alice").returncode == 0
+    proc = subprocess.Popen(lockctl_cmd("--prefix", lock.prefix, "watch", "--duration", "60",
+                                        user="alice"),
+                            env=net.client_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        first = proc.stdout.readline()
+        assert f" Held     {ALICE} session=align " in first and "waiting" not in first
+        assert net.caput(lock.pv("Request"), "edge", user="bob").returncode == 0
+        while True:
+            line = proc.stdout.readline()
+            assert line, "watch ended"
+            if "waiting" in line:
+                break
+    finally:
+        proc.kill()
+        proc.wait()
+    assert line.rstrip().endswith(f"| waiting: {BOB} (0 s)") or \
+        re.search(rf"\| waiting: {BOB} \(\d+ s\)$", line.rstrip()), line

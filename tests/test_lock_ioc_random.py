@@ -1,8 +1,8 @@
 """Property-based: random puts from several CA identities at every command PV of a real IOC.
 
-Invariants checked after every put: at most one holder, token monotonic (+1 at most per
-put), State/Owner/Expiry consistent, gates consistent with state and config, and the IOC
-keeps serving. caproto's threading client lets one process assert several identities
+Invariants checked after every put: at most one holder, token monotonic and every
+increment a grant recorded in History, State/Owner/Expiry consistent, gates consistent
+with state and config, and the IOC keeps serving. caproto's threading client lets one process assert several identities
 (CA identity is what the client asserts).
 """
 from __future__ import annotations
@@ -27,6 +27,10 @@ TEXT = st.one_of(
               st.one_of(st.integers(-10, 5000), st.floats(allow_nan=False),
                         st.text(max_size=5)),
               st.text(max_size=60)),
+    st.builds(lambda s, a, to, rq: json.dumps({"session": s, "auto": a, "to": to,
+                                               "requeue": rq}),
+              st.sampled_from(["s1", "s2", "queue"]), st.booleans(),
+              st.sampled_from(["", "alice", "bob@" + HOST, "mallory"]), st.booleans()),
     st.text(max_size=80),
 ).map(lambda t: t.encode("utf-8"))
 RAW = st.one_of(TEXT, st.binary(max_size=120))
@@ -38,7 +42,8 @@ def clients(net, lock_ioc, monkeypatch):
     for k, v in net.client_env().items():
         monkeypatch.setenv(k, v)
     contexts = {u: Context(client_name=u, host_name=HOST) for u in USERS}
-    names = ["State", "Owner", "Session", "Token", "Expiry", "Message", "Heartbeat"] + [
+    names = ["State", "Owner", "Session", "Token", "Expiry", "Message", "Heartbeat",
+             "History", "WaiterCount"] + [
         f"Gate:{g}" for g in GROUPS]
     reader = {n: pv for n, pv in zip(names, contexts["alice"].get_pvs(
         *[lock_ioc.pv(n) for n in names], timeout=5))}
@@ -61,7 +66,7 @@ def read(reader) -> dict:
     out = {}
     for name, pv in reader.items():
         data = pv.read(data_type="native", timeout=5).data
-        if name in ("Owner", "Session", "Message"):
+        if name in ("Owner", "Session", "Message", "History"):
             out[name] = bytes(data).rstrip(b"\0").decode("utf-8")
         else:
             out[name] = data[0]
@@ -86,7 +91,12 @@ def test_random_puts_keep_the_invariants(clients, puts):
         pv.write(raw if command != "Ping" else [raw], wait=False)
         writers[user]["Ping"].read(timeout=5)
         now = read(reader)
-        assert now["Token"] >= before["Token"] and now["Token"] <= before["Token"] + 1
+        assert now["Token"] >= before["Token"]
+        # Every new token is a grant the IOC recorded (a command's, or the clock's: a
+        # lease that ran out with an "auto" request waiting).
+        granted = {int(line.split(" token=", 1)[1].split()[0]) for line in
+                   now["History"].splitlines() if " acquired " in line}
+        assert set(range(before["Token"] + 1, now["Token"] + 1)) <= granted, now["History"]
         state = ("Free", "Held", "Disabled")[now["State"]]
         if state == "Held":
             assert now["Owner"].endswith("@" + HOST) and now["Session"]
@@ -98,10 +108,15 @@ def test_random_puts_keep_the_invariants(clients, puts):
             expected = ({g: 1 for g in GROUPS} if state == "Free"
                         else {g: int(g == "operator") for g in GROUPS})
         assert {g: now[f"Gate:{g}"] for g in GROUPS} == expected, now
-        if now["Token"] == before["Token"] + 1:
-            assert state == "Held" and command == "Acquire", (command, now)
         before = now
-    # The IOC still serves and runs its clock; leave it Free for the next example.
+    # The IOC still serves and runs its clock; leave it Free (nobody waiting) for the
+    # next example.
+    for user, pvs in writers.items():
+        for session in ("s1", "s2", "queue"):
+            pvs["Withdraw"].write(session.encode(), wait=False)
+        pvs["Ping"].read(timeout=5)
+    before = read(reader)
+    assert before["WaiterCount"] == 0, before
     state = ("Free", "Held", "Disabled")[before["State"]]
     if state == "Held":
         writers["operator"]["ForceRelease"].write(b"reset", wait=False)

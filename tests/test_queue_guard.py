@@ -288,12 +288,12 @@ for stop in os.environ["STOPS"].split():
 class GuardProcess:
     """A RunEngine with the guard in its own process (libca reads the CA env per process)."""
 
-    def __init__(self, net, lock, beamline, **env):
+    def __init__(self, net, lock, beamline, script: str = GUARD_SCRIPT, **env):
         e = net.client_env()
         e.update(LOCK_PREFIX=lock.prefix, BEAMLINE_PREFIX=beamline.prefix,
                  LOCK_SESSION="queue", PYTHONUNBUFFERED="1", **env)
         self.lines: list[str] = []
-        self.proc = subprocess.Popen([sys.executable, "-c", GUARD_SCRIPT, str(STARTUP_DIR)],
+        self.proc = subprocess.Popen([sys.executable, "-c", script, str(STARTUP_DIR)],
                                      env=e, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                      text=True, start_new_session=True)
         threading.Thread(target=self._read, daemon=True).start()

@@ -8,6 +8,7 @@ the OS user alice; that is where the screen is shown to display another user's i
 """
 from __future__ import annotations
 
+import re
 import subprocess
 
 import pytest
@@ -167,6 +168,38 @@ def test_release_of_another_session_under_the_same_identity_asks_first(
     lock_screen.click("release", confirm=True)
     shows(lock_screen, "state", "Free")
     assert "released " + MYSELF in history(net, lock)[-1]
+
+
+def test_waiters_are_shown_and_the_holder_hands_over_with_one_click(net, lock, lock_screen):
+    """The viewer (operator) holds; bluesky (the queue's group, a lower authority) asks:
+    the screen lists who waits and for how long; one click on Hand over gives it to them.
+    Request from the screen: the operator's higher authority takes it back at once."""
+    queue = identity("bluesky")
+    shows(lock_screen, "state", "Free")
+    lock_screen.type("acquire_session", "align")
+    lock_screen.click("acquire")
+    shows(lock_screen, "owner", MYSELF)
+    shows(lock_screen, "waiters", "nobody")
+    shows(lock_screen, "waiter_count", "0")
+    body = '{"session": "queue", "note": "scan 18", "lease": 600}'
+    assert net.caput(lock.pv("Request"), body, user="bluesky").returncode == 0
+    shows(lock_screen, "waiter_count", "1")
+    wait_until(lambda: re.fullmatch(rf"1\. {queue} session queue, ([2-9]|\d\d+) s 'scan 18'",
+                                    lock_screen.text("waiters")), 20, 0.1,
+               what="the waiter, and the time waited going up")
+
+    lock_screen.click("handover")                 # the viewer's own session: no dialog
+    shows(lock_screen, "owner", queue)
+    assert lock_screen.text("token") == "2" and lock_screen.text("session") == "queue"
+    shows(lock_screen, "waiters", "nobody")
+    assert f"handed-over {MYSELF} session=align token=1 to={queue}" in \
+        "\n".join(history(net, lock))
+
+    lock_screen.click("request")                  # operator > queue: granted at once
+    shows(lock_screen, "owner", MYSELF)
+    assert "higher authority than the holder" in lock_screen.text("message")
+    lock_screen.click("withdraw")                 # nothing waiting: the reason is shown
+    wait_until(lambda: "have no request waiting" in lock_screen.text("message"), 10, 0.1)
 
 
 def test_history_shows_the_newest_events_first_and_they_are_visible(net, lock, lock_screen):

@@ -9,7 +9,9 @@ every PV every screen names, with ``cainfo``.
 from __future__ import annotations
 
 import ast
+import os
 import re
+import subprocess
 import sys
 import xml.etree.ElementTree as ET
 
@@ -188,9 +190,9 @@ def check_lock_button_dialogs(buttons: list[ET.Element], scripts: dict[str, str]
         assert constant(scripts[name], "QUESTION"), name
         assert '"\\n\\nReason: "' in scripts[name], f"{name}: the question shows the reason"
     required = {n for n, s in scripts.items() if "refuse" in top_level_calls(s)}
-    assert required == {"acquire", "force_release", "disable"}
+    assert required == {"acquire", "request", "withdraw", "force_release", "disable"}
     assert all("Enter" in scripts[n] for n in required), "say how to apply a typed value"
-    for name in ("renew", "release"):
+    for name in ("renew", "release", "handover"):
         assert "check_session" in top_level_calls(scripts[name]), name
     body = scripts["release"]
     assert 'shown = value_of("session")' in body and 'mine = value_of("acquire_session")' in body
@@ -233,6 +235,34 @@ def test_bob_history_shows_the_last_events_newest_first():
     props = ui_props(label)
     assert props["lastLines"] == str(screens_gen.HISTORY_SHOWN)
     assert props["displayLabelText"] == "true" and "AlignTop" in props["alignment"]
+
+
+def test_waiters_box_lists_who_waits_with_the_time_waited():
+    """$(P)Waiters is JSON: both screens turn it into one line per waiter, first in line
+    first, and redraw it every second (Phoebus: the script also runs on $(P)Heartbeat)."""
+    (w,) = [w for w in bob_widgets(CLIENTS / "phoebus" / "lock.bob")
+            if w.findtext("name") == "waiters"]
+    assert w.get("type") == "label" and w.find("pv_name") is None
+    (script,) = w.findall("scripts/script")
+    assert script.get("check_connections") == "false", "run on disconnect too"
+    assert [p.text for p in script.findall("pv_name")] == ["$(P)Waiters", "$(P)Heartbeat"]
+    body = script.findtext("text")
+    assert constant(body, "SHOWN") == screens_gen.WAITERS_SHOWN
+    assert "json.loads(ValueUtil.getString(value, True)" in body and 'w["since"]' in body
+    ast.parse(body)
+    ui = ET.parse(CLIENTS / "pydm" / "lock.ui").getroot()
+    (label,) = [x for x in ui.iter("widget") if x.get("name") == "waiters"]
+    props = ui_props(label)
+    assert props["waitersShown"] == str(screens_gen.WAITERS_SHOWN)
+    assert props["displayLabelText"] == "true" and props["channel"] == "ca://${P}Waiters"
+    sys.path.insert(0, str(CLIENTS / "pydm"))
+    from lock import waiters_text
+    line = ('[{"who": "bob@ws2", "session": "edge", "note": "Fe", "since": 100},'
+            ' {"who": "q@srv", "session": "queue", "note": "", "since": 110}]')
+    assert waiters_text(line, 4, now=130) == ("1. bob@ws2 session edge, 30 s 'Fe'\n"
+                                              "2. q@srv session queue, 20 s")
+    assert waiters_text(line, 1, now=130) == "1. bob@ws2 session edge, 30 s 'Fe' (+1 more)"
+    assert waiters_text("[]", 4) == "nobody"
 
 
 def test_bob_rules_use_contract_states_and_gates():
@@ -365,6 +395,16 @@ def test_every_screen_pv_is_served_by_the_live_iocs(net, lock_ioc, beamline):
                 assert "Access:           read, write" in info, (name, info)
         else:
             assert re.search(r"Native data type: DBF_(ENUM|DOUBLE|LONG|STRING)", info), name
+
+
+def test_make_screens_can_import_the_test_helpers_as_a_script():
+    """`make screens` runs tests/screens_env.py as a script (no pytest pythonpath): its
+    helpers must find the launcher (demo/) themselves. beamline_env imported demo before
+    epics_env put the repository on sys.path: ModuleNotFoundError: No module named 'demo'."""
+    r = subprocess.run([sys.executable, "-c", "import beamline_env"], cwd=REPO / "tests",
+                       capture_output=True, text=True, timeout=60,
+                       env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
+    assert r.returncode == 0, r.stderr
 
 
 def test_docs_say_that_make_screens_rewrites_the_tracked_screenshots():

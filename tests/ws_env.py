@@ -214,7 +214,8 @@ class Page:
                 self._cond.notify_all()
 
     def do(self, command: str) -> None:
-        """``take LEASE NOTE...``, ``release`` or ``renew``, as the page's buttons do."""
+        """``take LEASE NOTE...``, ``release``, ``renew``, ``request LEASE NOTE...``,
+        ``withdraw`` or ``handover``, as the page's buttons do."""
         self.proc.stdin.write(command + "\n")
         self.proc.stdin.flush()
 

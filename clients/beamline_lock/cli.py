@@ -6,7 +6,8 @@ OS user at this host; the usual ``EPICS_CA_*`` variables select the servers.
 
 A lease taken with ``lockctl acquire`` outlives the command: renew or release it with
 later ``lockctl renew`` / ``lockctl release`` runs by the same user on the same host
-under the same session name, or let it run out.
+under the same session name, or let it run out. A request (``lockctl request``) likewise:
+run it again to renew it before it lapses, or ``--wait`` to stay and take the lock.
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ import time
 from typing import Callable, Sequence
 
 from .client import (DISABLED, HELD, BeamlineLock, LockError, LockRefused, LockStatus,
-                     LockUnavailable, until_text)
+                     LockUnavailable, Waiter, until_text)
 
 OK, REFUSED, USAGE, UNREACHABLE = 0, 1, 2, 3
 #: watch: seconds to let the burst of PV updates of one lock change arrive before drawing.
@@ -46,14 +47,21 @@ def seconds_type(allow_zero: bool = False) -> Callable[[str], float]:
 _positive = seconds_type()
 
 
-def _count(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected at least 1, got {value}")
-    return value
+def whole_number(what: str = "a whole number") -> Callable[[str], int]:
+    """An argparse ``type`` for a whole number of 1 or more (``what`` names it)."""
+    def number(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+        if value < 1:
+            raise argparse.ArgumentTypeError(f"expected at least 1, got {value}")
+        return value
+    return number
+
+
+_count = whole_number()
+_token = whole_number("a token number")
 
 
 DEFAULT_PREFIX = "BL:LOCK:"
@@ -99,6 +107,32 @@ def build_parser() -> argparse.ArgumentParser:
     s = cmd("release", help="release your lock")
     s.add_argument("session")
 
+    s = cmd("request", help="ask for the lock: granted at once if you may have it, else "
+                            "wait in line (the request lapses unless renewed: run it again)")
+    s.add_argument("session")
+    s.add_argument("--lease", type=_positive,
+                   help="seconds the request lives unrenewed, and the lease it becomes "
+                        "(default: the IOC's)")
+    s.add_argument("--note", help="what you want the lock for, shown to the holder")
+    s.add_argument("--no-auto", dest="auto", action="store_false",
+                   help="do not take the lock when it is released to you; Acquire it then")
+    s.add_argument("--wait", type=_positive, metavar="S",
+                   help="stay up to S seconds, renewing the request, until it is granted "
+                        "(else withdraw it and exit 1)")
+
+    s = cmd("withdraw", help="leave the line (your request under SESSION)")
+    s.add_argument("session")
+
+    s = cmd("handover", help="hand the lock to the first in line, or to --to WHO")
+    s.add_argument("session", help="your session (the holder's)")
+    s.add_argument("--to", metavar="WHO", help="a waiter, user@host or user")
+    s.add_argument("--to-session", metavar="S", help="the waiter's session, if several")
+    s.add_argument("--requeue", action="store_true",
+                   help="wait in line for the lock again (renew with 'lockctl request')")
+
+    s = cmd("waiters", help="who waits for the lock, first in line first")
+    s.add_argument("--json", action="store_true", help="print the line as JSON")
+
     s = cmd("force-release", help="take the lock from its holder (operators)")
     s.add_argument("reason")
     s = cmd("disable", help="disable the lock (operators)")
@@ -110,7 +144,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--count", type=_count, help="stop after N lines")
     s.add_argument("--duration", type=_positive, help="stop after S seconds")
 
-    cmd("history", help="recent lock events, newest last")
+    s = cmd("history", help="recent lock events, newest last")
+    s.add_argument("--token", type=_token, metavar="N",
+                   help="only the events of grant N (who held it, from when to when): "
+                        "the token of a run's start document")
 
     s = cmd("acf", help="print the EPICS access security file for a lock config")
     s.add_argument("--config", help="lock YAML config file, as given to lock-ioc (default: "
@@ -140,23 +177,44 @@ def _status_lines(st: LockStatus, last_event: str = "") -> list[str]:
     if st.state == DISABLED:
         lines.append(f"reason:    {st.disabled_reason}")
     lines.append(f"token:     {st.token}")
+    if st.waiters:
+        lines.append(f"waiting:   {len(st.waiters)} ({_first_waiters(st.waiters)})")
+    if st.yield_to:
+        lines.append(f"yields to: {st.yield_to} at the end of its running task")
     if last_event:
         lines.append(f"last event: {last_event}")
     return lines
 
 
+def _first_waiters(waiters: tuple[Waiter, ...], now: float | None = None) -> str:
+    """``bob@ws2 (12 s), alice@ws1 (3 s)``: who waits, first in line first."""
+    return ", ".join(f"{w.who} ({w.waiting(now):.0f} s)" for w in waiters)
+
+
 def watch_line(st: LockStatus) -> str:
-    """The one-line live view."""
+    """The one-line live view; who waits, and for how long, at the end."""
     stamp = time.strftime("%H:%M:%S")
     if not st.connected:
         return f"{stamp} UNKNOWN  lock state unknown: lock IOC unreachable or silent"
+    waiting = f" | waiting: {_first_waiters(st.waiters)}" if st.waiters else ""
+    if st.yield_to:
+        waiting += f" (yields to {st.yield_to} at the end of its task)"
     if st.state == HELD:
         note = f" note={st.note!r}" if st.note else ""
         return (f"{stamp} Held     {st.owner} session={st.session} token={st.token} "
-                f"{st.remaining:.0f} s left{note}")
+                f"{st.remaining:.0f} s left{note}{waiting}")
     if st.state == DISABLED:
-        return f"{stamp} Disabled {st.disabled_reason} token={st.token}"
-    return f"{stamp} Free     token={st.token}"
+        return f"{stamp} Disabled {st.disabled_reason} token={st.token}{waiting}"
+    return f"{stamp} Free     token={st.token}{waiting}"
+
+
+def token_of(event: str) -> int | None:
+    """The token field of a History line (``... token=N ...``), None if it has none."""
+    _, _, rest = event.partition(" token=")
+    try:
+        return int(rest.split()[0]) if rest else None
+    except (ValueError, IndexError):
+        return None
 
 
 def _watch(lock: BeamlineLock, count: int | None, duration: float | None,
@@ -219,6 +277,22 @@ def _acf(args: argparse.Namespace) -> int:
     return OK
 
 
+def _waiting_text(lock: BeamlineLock, st: LockStatus, session: str) -> str:
+    """Where our request stands, and what to do to keep it."""
+    line = st.waiters
+    place = next((i for i, w in enumerate(line, 1)
+                  if w.who == lock.identity and w.session == session), None)
+    if place is None:
+        return f"not waiting: the lock is {st.describe()}"
+    mine = line[place - 1]
+    ahead = f", after {', '.join(w.who for w in line[:place - 1])}" if place > 1 else ""
+    held = f"; the lock is {st.describe()}" if st.state != HELD else \
+        f"; held by {st.owner} (session {st.session}), who was told"
+    return (f"waiting: place {place} of {len(line)}{ahead}{held}. The request lapses at "
+            f"{until_text(mine.expiry)} unless renewed: run 'lockctl request {session}' "
+            f"again (or use --wait)")
+
+
 def run(args: argparse.Namespace) -> int:
     if args.command == "acf":
         return _acf(args)
@@ -241,13 +315,51 @@ def run(args: argparse.Namespace) -> int:
         if args.command == "status":
             st = lock.status()
             if args.json:
-                print(json.dumps({k: v for k, v in st.__dict__.items()
-                                  if k not in ("event", "lost", "held_by_me")}))
+                out = {k: v for k, v in st.__dict__.items()
+                       if k not in ("event", "lost", "held_by_me")}
+                out["waiters"] = [w.__dict__ for w in st.waiters]
+                print(json.dumps(out))
             else:
                 events = lock.history()
                 print("\n".join(_status_lines(st, events[-1] if events else "")))
         elif args.command == "history":
-            print("\n".join(lock.history()))
+            events = lock.history()
+            if args.token is not None:
+                events = [e for e in events if token_of(e) == args.token]
+                if not events:
+                    print(f"lockctl: no event of token {args.token} in the last "
+                          f"{len(lock.history())} events the lock IOC keeps in History",
+                          file=sys.stderr)
+                    return REFUSED
+            print("\n".join(events))
+        elif args.command == "waiters":
+            line = lock.status().waiters
+            if args.json:
+                print(json.dumps([w.__dict__ for w in line]))
+            elif not line:
+                print("nobody is waiting for the lock")
+            else:
+                now = time.time()
+                print("\n".join(w.line(i, now) for i, w in enumerate(line, 1)))
+        elif args.command == "request":
+            st = lock.request(args.session, lease=args.lease, note=args.note,
+                              auto=args.auto, wait=args.wait)
+            if st.held_by_me:
+                print(f"granted: session {st.session}, token {st.token}, until "
+                      f"{until_text(st.expiry)}; the lease runs on after lockctl exits: "
+                      f"'lockctl renew {st.session}' / 'lockctl release {st.session}'")
+            else:
+                print(_waiting_text(lock, st, args.session))
+        elif args.command == "withdraw":
+            lock.withdraw(args.session)
+            print(f"withdrawn: session {args.session} left the line")
+        elif args.command == "handover":
+            st = lock.handover(args.to, to_session=args.to_session, requeue=args.requeue,
+                               session=args.session)
+            print(f"handed over: the lock is now {st.describe()}")
+            if args.requeue:
+                print(f"you wait in line again: renew with 'lockctl request {args.session}' "
+                      "before your request lapses")
         elif args.command == "acquire":
             st = lock.acquire(args.session, lease=args.lease, note=args.note, wait=args.wait)
             print(f"acquired: session {st.session}, token {st.token}, until "

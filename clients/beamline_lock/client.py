@@ -40,7 +40,8 @@ FREE, HELD, DISABLED = contract.STATES
 STALE_AFTER = 3.0
 #: State PVs this client monitors (History is large and read on demand).
 MONITORED = ("State", "Owner", "Session", "Note", "Token", "Expiry", "Remaining",
-             "Message", "Heartbeat", "DisabledReason")
+             "Message", "Heartbeat", "DisabledReason", "AcquiredAt", "WaiterCount",
+             "Waiters", "YieldTo")
 TEXT = frozenset(s for s in MONITORED if contract.BY_SUFFIX[s].kind == "text")
 COMMANDS = tuple(c for c in contract.COMMANDS if contract.BY_SUFFIX[c].kind == "text")
 ECA_NORMAL = dbr.ECA_NORMAL
@@ -81,6 +82,50 @@ class LockLost(LockError):
     """This client held the lock and lost it (lease ran out, taken over, force-released)."""
 
 
+class RequestLapsed(LockRefused):
+    """This client's request left the line without a grant (not renewed in time)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Waiter:
+    """A request waiting for the lock, as ``$(P)Waiters`` lists it (first in line first)."""
+
+    who: str
+    session: str
+    note: str = ""
+    since: float = 0.0       # POSIX seconds: when the request was made
+    expiry: float = 0.0      # POSIX seconds: when it lapses unless renewed
+    lease: float = 0.0
+    auto: bool = True        # takes a released lock at once
+    authority: int | None = None
+    group: str = ""
+
+    def waiting(self, now: float | None = None) -> float:
+        """Seconds this request has waited."""
+        return max(0.0, (time.time() if now is None else now) - self.since)
+
+    def line(self, place: int, now: float | None = None) -> str:
+        """``1. bob@ws2 session=edge staff (authority 20), waiting 12 s, ...``"""
+        now = time.time() if now is None else now
+        level = f" (authority {self.authority})" if self.authority is not None else ""
+        note = f", note {self.note!r}" if self.note else ""
+        auto = "takes it when released" if self.auto else "waits to be handed it"
+        return (f"{place}. {self.who} session={self.session} {self.group}{level}, waiting "
+                f"{self.waiting(now):.0f} s, {auto}, request lapses in "
+                f"{max(0.0, self.expiry - now):.0f} s{note}")
+
+
+def parse_waiters(text: str) -> tuple[Waiter, ...]:
+    """``$(P)Waiters`` (JSON) as :class:`Waiter` objects; () for anything unreadable."""
+    try:
+        items = json.loads(text) if text else []
+        fields = {f.name for f in dataclasses.fields(Waiter)}
+        return tuple(Waiter(**{k: v for k, v in item.items() if k in fields})
+                     for item in items)
+    except (ValueError, TypeError, AttributeError):
+        return ()
+
+
 # ---- values --------------------------------------------------------------------------
 @dataclasses.dataclass(frozen=True)
 class LockStatus:
@@ -99,15 +144,21 @@ class LockStatus:
     heartbeat_age: float = math.inf
     held_by_me: bool = False
     lost: str = ""             # why this client lost its grant ("" if not lost)
-    event: str = ""            # what changed: a PV suffix, "connection" or "lost"
+    event: str = ""            # what changed: a PV suffix, "connection", "lost", "granted"
+    acquired_at: float = 0.0   # POSIX seconds the current grant began (0 when not held)
+    waiters: tuple[Waiter, ...] = ()   # first in line first
+    yield_to: str = ""         # a higher-authority waiter the holder's task yields to
 
     def describe(self) -> str:
         """One line a person understands."""
         if not self.connected:
             return "lock state unknown (lock IOC unreachable or silent)"
         if self.state == HELD:
-            return holder_text(self.owner, self.session, self.note, self.token, self.expiry,
+            text = holder_text(self.owner, self.session, self.note, self.token, self.expiry,
                                self.remaining)
+            if self.waiters:
+                text += f"; {len(self.waiters)} waiting, first {self.waiters[0].who}"
+            return text
         if self.state == DISABLED:
             return f"Disabled ({self.disabled_reason}), token {self.token}"
         return f"Free, token {self.token}"
@@ -119,6 +170,14 @@ class _Grant:
     token: int
     lease: float
     deadline: float  # time.monotonic() by which the lease surely ended (conservative)
+
+
+@dataclasses.dataclass
+class _Request:
+    session: str
+    token: int       # the lock's token when we asked: a grant to us is a later one
+    lease: float
+    deadline: float  # time.monotonic() by which the request surely lapsed
 
 
 def ca_identity() -> str:
@@ -233,6 +292,8 @@ class BeamlineLock:
         self._messages: deque[tuple[int, str]] = deque(maxlen=64)  # (seq, Message) seen
         self._msg_seq = 0
         self._grant: _Grant | None = None
+        self._request: _Request | None = None
+        self._handing_over = False
         self._lost = ""
         self._callbacks: dict[int, Callable[[LockStatus], None]] = {}
         self._next_cb = 0
@@ -275,7 +336,7 @@ class BeamlineLock:
         elif suffix == "State":
             value = contract.STATES[int(value)] if 0 <= int(value) < len(contract.STATES) \
                 else f"state {int(value)}"
-        elif suffix in ("Token", "Heartbeat"):
+        elif suffix in ("Token", "Heartbeat", "WaiterCount"):
             value = int(value)
         else:
             value = float(value)
@@ -296,10 +357,13 @@ class BeamlineLock:
                 self._msg_seq += 1
                 self._messages.append((self._msg_seq, value))
             self._update_connected()
+            granted = self._check_request()
             self._check_grant()
             self._cond.notify_all()
         if suffix != "Heartbeat":
             self._emit(suffix)
+        if granted:
+            self._emit("granted")
 
     def _update_connected(self) -> None:
         """Caller holds the condition."""
@@ -314,9 +378,28 @@ class BeamlineLock:
     def _check_grant(self) -> None:
         """Mark our grant lost if the monitored state no longer shows it. Holds the cond."""
         grant = self._grant
-        if grant is None or self._lost or not self._connected or self._grant_matches(grant):
+        if grant is None or self._lost or not self._connected or self._handing_over \
+                or self._grant_matches(grant):
             return
         self._set_lost_locked(self._lost_reason(grant))
+
+    def _check_request(self) -> bool:
+        """Our request became a grant (the lock gave it to us: a release, an expiry, a
+        hand-over): take it as ours, as if acquired. Holds the cond; True if so."""
+        req = self._request
+        if req is None or not self._connected or self._state != HELD \
+                or self._owner != self.identity or self._session != req.session \
+                or self._token <= req.token:
+            return False
+        # Conservative: the grant began a moment before we saw it.
+        left = min(req.lease, (self._values["Expiry"] or 0.0) - time.time()) - 0.5
+        self._grant = _Grant(req.session, self._token, req.lease,
+                             time.monotonic() + max(0.0, left))
+        self._request, self._lost = None, ""
+        self.session = req.session
+        log.info("beamline lock: our request (session %s) was granted, token %d",
+                 req.session, self._token)
+        return True
 
     def _lost_reason(self, grant: _Grant) -> str:
         return f"our grant (session {grant.session}, token {grant.token}) ended: " \
@@ -402,6 +485,16 @@ class BeamlineLock:
         grant = self._grant
         return grant.token if grant else None
 
+    @property
+    def requesting(self) -> str | None:
+        """The session of this client's request waiting in line, None if none."""
+        req = self._request
+        return req.session if req else None
+
+    def waiters(self) -> tuple[Waiter, ...]:
+        """The requests waiting for the lock, first in line first (monitored)."""
+        return parse_waiters(self._values["Waiters"] or "")
+
     def status(self, event: str = "") -> LockStatus:
         with self._cond:
             v = dict(self._values)
@@ -413,7 +506,9 @@ class BeamlineLock:
             token=v["Token"] or 0, expiry=v["Expiry"] or 0.0, remaining=v["Remaining"] or 0.0,
             connected=connected, message=v["Message"] or "",
             disabled_reason=v["DisabledReason"] or "", heartbeat_age=age,
-            held_by_me=self.held_by_me, lost=self._lost, event=event)
+            held_by_me=self.held_by_me, lost=self._lost, event=event,
+            acquired_at=v["AcquiredAt"] or 0.0, waiters=parse_waiters(v["Waiters"] or ""),
+            yield_to=v["YieldTo"] or "")
 
     def history(self) -> list[str]:
         """The IOC's recent events, newest last (one CA read)."""
@@ -593,13 +688,15 @@ class BeamlineLock:
 
     def acquire(self, session: str | None = None, lease: float | None = None,
                 note: str | None = None, wait: float | None = None, *,
-                keep_alive: bool = False) -> LockStatus:
+                keep_alive: bool = False, task: str | None = None) -> LockStatus:
         """Acquire (or, if we hold it under this session, renew) the lock.
 
         ``wait``: seconds to wait for a held or disabled lock to become Free (woken by
         the State monitor), None to fail at once with :class:`LockHeld`.
         ``keep_alive``: renew in the background at a third of the lease until
-        :meth:`release`. Returns the status showing our grant.
+        :meth:`release`. ``task``: the running task an unattended holder (the queue)
+        declares ("" ends it): a higher-authority request then waits for its end.
+        Returns the status showing our grant.
         """
         session = session or self.session
         if not session:
@@ -611,6 +708,8 @@ class BeamlineLock:
         body: dict[str, Any] = {"session": session, "lease": lease}
         if note is not None:
             body["note"] = note
+        if task is not None:
+            body["task"] = task
         text = json.dumps(body)
         deadline = None if wait is None else time.monotonic() + wait
         while True:
@@ -711,6 +810,157 @@ class BeamlineLock:
         """End a Disable (operators only)."""
         return self._operator("Enable", reason, FREE)
 
+    # ---- requests and hand-over ---------------------------------------------------------
+    def request(self, session: str | None = None, lease: float | None = None,
+                note: str | None = None, *, auto: bool = True, wait: float | None = None,
+                keep_alive: bool = False) -> LockStatus:
+        """Ask for the lock: granted at once if it is Free for us or held at a lower
+        authority, else wait in line (``status().waiters`` says where).
+
+        ``auto``: take the lock as soon as it is released to us (else Acquire it then).
+        ``keep_alive``: renew the request at a third of its lease until it is granted
+        (then the grant is kept alive) or withdrawn. ``wait``: seconds to wait for the
+        grant, renewing the request meanwhile; if it does not come, the request is
+        withdrawn and :class:`LockHeld` raised. Returns the status (``held_by_me`` when
+        granted). A request renewed here again keeps its place."""
+        session = session or self.session
+        if not session:
+            raise ValueError("request needs a session name")
+        self._require_connected()
+        lease = float(lease) if lease is not None else self._lease_default()
+        body: dict[str, Any] = {"session": session, "lease": lease, "auto": auto}
+        if note is not None:
+            body["note"] = note
+        started = time.monotonic()
+        with self._cond:
+            token = self._token
+        mark = self._send("Request", json.dumps(body))
+        message = self._read("Message")
+        self._confirm(mark, lambda: True, "the request")
+        with self._cond:
+            self.session = session
+            if self._state == HELD and self._owner == self.identity \
+                    and self._session == session and self._token > token:
+                self._grant = _Grant(session, self._token, lease, started + lease)
+                self._request, self._lost = None, ""
+            else:
+                self._request = _Request(session, token, lease, started + lease)
+        if keep_alive or wait is not None:
+            self._start_keepalive()
+        if wait is not None and self._grant is None:
+            self._wait_for_grant(session, wait, message)
+        return self.status("granted" if self._grant is not None else "requested")
+
+    def await_grant(self, timeout: float | None = None) -> bool:
+        """Wait (event-driven) until our waiting request is granted: True; False after
+        ``timeout`` s with the request still waiting; :class:`RequestLapsed` if it left
+        the line without a grant."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._cond:
+            while self._grant is None and self._request is not None:
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    return False
+                self._cond.wait(left)
+            if self._grant is not None:
+                return True
+        raise RequestLapsed(f"our request left the line without a grant; the lock is "
+                            f"{self._now_text()}")
+
+    def _wait_for_grant(self, session: str, wait: float, message: str) -> None:
+        if self.await_grant(wait):
+            return
+        try:
+            self.withdraw(session)
+        except LockRefused:
+            pass  # granted or lapsed meanwhile
+        if self._grant is not None:
+            return
+        raise LockHeld(f"Request: not granted within {wait:g} s (request withdrawn): "
+                       f"{message}", owner=self._owner, session=self._session,
+                       note=self._values["Note"] or "", expiry=self._values["Expiry"] or 0.0,
+                       token=self._token)
+
+    def renew_request(self) -> LockStatus:
+        """Renew our waiting request (keeps its place); :class:`RequestLapsed` if it left
+        the line."""
+        req = self._request
+        if req is None:
+            raise RequestLapsed("this process has no request waiting")
+        started = time.monotonic()
+        try:
+            self._send("Request", json.dumps({"session": req.session, "lease": req.lease}))
+        except LockRefused as exc:
+            with self._cond:
+                if self._request is req:
+                    self._request = None
+            raise RequestLapsed(f"our request (session {req.session}) could not be "
+                                f"renewed: {exc}") from None
+        with self._cond:
+            if self._request is req:
+                req.deadline = started + req.lease
+        return self.status("renewed")
+
+    def withdraw(self, session: str | None = None) -> LockStatus:
+        """Leave the line (our request under ``session``, default our pending one)."""
+        req = self._request
+        session = session or (req.session if req else self.session)
+        if not session:
+            raise ValueError("withdraw needs a session name")
+        mark = self._send("Withdraw", session)   # a grant meanwhile is still adopted
+        with self._cond:
+            if self._request is not None and self._request.session == session:
+                self._request = None
+        self._confirm(mark, lambda: True, "the withdrawal")
+        return self.status("withdrawn")
+
+    def handover(self, to: str | None = None, *, to_session: str | None = None,
+                 requeue: bool = False, session: str | None = None,
+                 lease: float | None = None) -> LockStatus:
+        """Hand the lock to the first in line, or to waiter ``to`` (``user@host`` or
+        ``user``; ``to_session`` when they wait under several sessions), in one step.
+        ``requeue``: wait in line for it again (kept alive like any request of ours)."""
+        grant = self._grant
+        session = session or (grant.session if grant else self.session)
+        if not session:
+            raise ValueError("handover needs a session name")
+        body: dict[str, Any] = {"session": session}
+        if to:
+            body["to"] = to
+        if to_session:
+            body["to_session"] = to_session
+        if requeue:
+            body["requeue"] = True
+            if lease is not None:
+                body["lease"] = float(lease)
+        text = json.dumps(body) if len(body) > 1 else session
+        kept_alive = self._keepalive is not None
+        self._stop_keepalive()   # no renewal may race the hand-over
+        with self._cond:
+            self._handing_over = True
+        try:
+            mark = self._send("Handover", text)
+        except LockError:
+            with self._cond:
+                self._handing_over = False
+                self._check_grant()
+            if kept_alive:
+                self._start_keepalive()
+            raise
+        token = int(self._read("Token"))
+        started = time.monotonic()
+        with self._cond:
+            self._grant = None
+            self._handing_over = False
+            if requeue:
+                req_lease = float(lease) if lease is not None else \
+                    (grant.lease if grant else self._lease_default())
+                self._request = _Request(session, token, req_lease, started + req_lease)
+        if requeue:
+            self._start_keepalive()
+        self._confirm(mark, lambda: self._token >= token, "the hand-over")
+        return self.status("handed-over")
+
     # ---- context manager and keep-alive ----------------------------------------------------
     def hold(self, session: str | None = None, lease: float | None = None,
              note: str | None = None, wait: float | None = None) -> "_Hold":
@@ -774,7 +1024,9 @@ class _Hold:
 
 
 class _KeepAlive(threading.Thread):
-    """Renews our grant at a third of the lease; marks it lost when that fails for good."""
+    """Renews our grant at a third of the lease; marks it lost when that fails for good.
+    While we only wait in line, renews our request the same way, and goes on with the
+    grant it becomes."""
 
     def __init__(self, lock: BeamlineLock):
         super().__init__(daemon=True, name=f"beamline-lock-keepalive {lock.prefix}")
@@ -783,6 +1035,8 @@ class _KeepAlive(threading.Thread):
 
     def stop(self) -> None:
         self._stop_event.set()
+        with self.lock._cond:
+            self.lock._cond.notify_all()
         if self is not threading.current_thread():
             self.join(self.lock.timeout + 1)
 
@@ -790,7 +1044,11 @@ class _KeepAlive(threading.Thread):
         lock = self.lock
         while True:
             grant = lock._grant
-            if grant is None or lock.lost:
+            if grant is None:
+                if not self._keep_request():
+                    return
+                continue
+            if lock.lost:
                 return
             interval = max(0.1, grant.lease / 3)
             if self._stop_event.wait(interval):
@@ -808,3 +1066,37 @@ class _KeepAlive(threading.Thread):
             except LockError as exc:
                 lock._set_lost(str(exc))
                 return
+
+    def _keep_request(self) -> bool:
+        """Renew our request once its lease is a third gone, or wake early on a grant.
+        False when there is nothing (left) to keep alive."""
+        lock = self.lock
+        req = lock._request
+        if req is None:
+            return False
+        wake = time.monotonic() + max(0.1, req.lease / 3)
+        with lock._cond:
+            lock._cond.wait_for(lambda: lock._grant is not None or lock._request is not req
+                                or self._stop_event.is_set(),
+                                max(0.0, wake - time.monotonic()))
+        if self._stop_event.is_set():
+            return False
+        if lock._grant is not None or lock._request is not req:
+            return True
+        if time.monotonic() >= req.deadline:
+            with lock._cond:
+                if lock._request is req:
+                    lock._request = None
+            log.warning("beamline lock keep-alive: our request (session %s) lapsed before "
+                        "it could be renewed", req.session)
+            return False
+        try:
+            lock.renew_request()
+        except RequestLapsed as exc:
+            if lock._grant is not None:
+                return True   # granted meanwhile: keep the grant alive
+            log.warning("beamline lock keep-alive: %s", exc)
+            return False
+        except LockUnavailable as exc:  # try again until the request surely lapsed
+            log.warning("beamline lock keep-alive: %s", exc)
+        return True

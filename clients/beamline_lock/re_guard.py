@@ -26,6 +26,21 @@ nothing else (bluesky-queueserver stays unmodified; a profile collection adds tw
 
 The lease is kept alive by the lock client's background renewal; the guard's CA traffic
 is the client's monitors plus one Acquire per plan and one Release per queue run.
+
+Sharing the beamline (issue 18):
+
+- every plan's Acquire declares the plan as the holder's running **task** (the queue's
+  group is ``unattended`` in the lock config), so a higher-authority request does not
+  take the lock mid-plan: the lock IOC names the waiter in ``$(P)YieldTo``, and at the
+  end of the plan (or at once, between plans) the guard **hands the lock over** to them
+  and waits in line for it again (``Handover`` with ``requeue``, one step). The next
+  plan waits in its preprocessor, before any hardware, until the lock is the queue's
+  again; with no plan within ``linger``, the queue leaves the line;
+- with anyone else waiting, the lock is released ``waiting_linger`` seconds after the
+  last plan instead of ``linger`` (the lock then goes to the first in line);
+- every run opened under the guard carries the lock in its start document
+  (``lock``: owner, session, note, token, acquired_at), so data can be traced to its
+  holder (``lockctl history --token N``).
 """
 from __future__ import annotations
 
@@ -35,21 +50,23 @@ import itertools
 import logging
 import queue
 import threading
+import time
 from typing import Any, Generator, Iterable
 
 from bluesky.preprocessors import plan_mutator
 from bluesky.suspenders import SuspendBoolHigh
-from bluesky.utils import Msg
+from bluesky.utils import Msg, single_gen
 from ophyd import Signal
 
-from .client import (BeamlineLock, LockDisabled, LockError, LockHeld, LockStatus,
-                     LockUnavailable, until_text)
+from .client import (HELD, BeamlineLock, LockDisabled, LockError, LockHeld, LockRefused,
+                     LockStatus, LockUnavailable, RequestLapsed, until_text)
 from .ophyd_gate import is_safe_write
 
 log = logging.getLogger("beamline_lock.re_guard")
 
 DEFAULT_SESSION = "queue"
 DEFAULT_LINGER = 5.0
+DEFAULT_WAITING_LINGER = 1.0
 DEFAULT_LEASE = 30.0
 DEFAULT_RESUME_DELAY = 1.0
 #: Plan messages that only read or keep books: they pass the fence while the lock is lost.
@@ -88,14 +105,17 @@ class LockGuard:
     seconds a plan start waits for a busy lock (None: fail at once). ``lease``: the lease
     the client keeps alive in the background. ``resume_delay``: seconds between the
     queue holding the lock again and the plan resuming. ``note``: the lock note, to which
-    the running plan's name is added.
+    the running plan's name is added. ``waiting_linger``: the linger while someone waits
+    for the lock (at most ``linger``).
     """
 
     def __init__(self, lock: BeamlineLock, *, session: str | None = None,
                  linger: float = DEFAULT_LINGER, wait: float | None = None,
                  lease: float = DEFAULT_LEASE, resume_delay: float = DEFAULT_RESUME_DELAY,
-                 note: str = "bluesky queue"):
+                 note: str = "bluesky queue",
+                 waiting_linger: float = DEFAULT_WAITING_LINGER):
         _check_seconds("linger", linger, allow_zero=True)
+        _check_seconds("waiting_linger", waiting_linger, allow_zero=True)
         _check_seconds("lease", lease)
         _check_seconds("resume_delay", resume_delay, allow_zero=True)
         if wait is not None:
@@ -106,7 +126,9 @@ class LockGuard:
         self.lock = lock
         self.session = session or lock.session or DEFAULT_SESSION
         self.linger, self.wait, self.lease = float(linger), wait, float(lease)
+        self.waiting_linger = min(float(waiting_linger), self.linger)
         self.note = note
+        self.declare_task = True         # off when the lock config does not allow it
         self.RE: Any = None
         self.reason = ""                 # why the guard is (or last was) tripped
         self.signal = Signal(name="beamline_lock_lost", value=0)
@@ -118,6 +140,7 @@ class LockGuard:
         self._armed = False              # a plan runs and we acquired the lock for it
         self._plan_name = ""
         self._linger_timer: threading.Timer | None = None
+        self._linger_until = 0.0         # time.monotonic() the linger timer fires
         self._waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Future]] = []
         self._waiters_lock = threading.Lock()
         self._wake: queue.SimpleQueue = queue.SimpleQueue()
@@ -223,8 +246,10 @@ class LockGuard:
 
     def _acquire_blocking(self, attempt: int, name: str) -> LockStatus:
         note = f"{self.note}: {name}" if name else self.note
-        status = self.lock.acquire(self.session, lease=self.lease, note=note, wait=self.wait,
-                                   keep_alive=True)
+        if self.lock.requesting == self.session and not self.lock.held_by_me:
+            if not self._wait_in_line(attempt, name):
+                raise LockError("the plan ended while it waited in line for the lock")
+        status = self._acquire_with_task(note, name)
         with self._mutex:
             if attempt != self._current_attempt or self._active == 0:
                 # The plan was abandoned (aborted) while we waited: no plan needs it, and
@@ -233,6 +258,47 @@ class LockGuard:
                       "releasing it", flush=True)
                 self._release_if_idle()
         return status
+
+    def _acquire_with_task(self, note: str, name: str) -> LockStatus:
+        """Acquire (or renew) declaring the plan as the queue's running task; without the
+        task if the lock config does not mark the queue's group unattended (said once)."""
+        task = (name or "plan") if self.declare_task else None
+        try:
+            return self.lock.acquire(self.session, lease=self.lease, note=note,
+                                     wait=self.wait, keep_alive=True, task=task)
+        except LockRefused as exc:
+            if task is None or "may declare a task" not in str(exc):
+                raise
+            self.declare_task = False
+            print(f"{TAG} the lock config does not mark the queue's group unattended: "
+                  f"plans run without declaring a task, so a higher-authority request "
+                  f"takes the lock mid-plan (the plan is suspended) instead of at its end "
+                  f"[{exc}]", flush=True)
+            return self.lock.acquire(self.session, lease=self.lease, note=note,
+                                     wait=self.wait, keep_alive=True)
+
+    def _wait_in_line(self, attempt: int, name: str) -> bool:
+        """The queue handed the lock over and waits in line: the plan waits (before any
+        hardware) until the lock is the queue's again. True when granted, or when the
+        request left the line (the Acquire that follows then says why); False when the
+        plan was abandoned meanwhile."""
+        status = self.lock.status()
+        place = next((i for i, w in enumerate(status.waiters, 1)
+                      if w.who == self.lock.identity and w.session == self.session), "?")
+        print(f"{TAG} plan {name!r} waits for the beamline lock: the queue handed it to "
+              f"{status.owner or 'the first in line'} and waits in line (place {place}); "
+              "it starts when the lock is the queue's again", flush=True)
+        while True:
+            try:
+                if self.lock.await_grant(1.0):
+                    print(f"{TAG} the queue has the beamline lock again (token "
+                          f"{self.lock.token}); plan {name!r} starts", flush=True)
+                    return True
+            except RequestLapsed:
+                return True
+            with self._mutex:
+                if attempt != self._current_attempt or self._active == 0:
+                    return False
 
     def _arm(self, attempt: int) -> None:
         with self._mutex:
@@ -248,15 +314,31 @@ class LockGuard:
                 self._armed = False
                 self._current_attempt = 0
                 self._schedule_linger()
+        # At the end of the plan: a higher-authority waiter gets the lock. On the pool,
+        # before the next plan's Acquire (one worker: in order).
+        if self._pool is not None:
+            self._pool.submit(self._yield_if_asked, "at the end of the plan")
         self._wake.put("ended")
 
     # ---- the fence -------------------------------------------------------------------
     def _fence(self, msg: Msg):
         """plan_mutator hook: a write goes out only while we hold the lock; reads,
-        stops and safe writes always."""
+        stops and safe writes always. A run opened here carries the lock in its start
+        document."""
+        if msg.command == "open_run" and "lock" not in msg.kwargs:
+            return single_gen(msg._replace(kwargs=dict(msg.kwargs,
+                                                       lock=self.provenance()))), None
         if msg.command in READ_COMMANDS or is_safe_message(msg):
             return None, None
         return self._permitted(msg), None
+
+    def provenance(self) -> dict:
+        """The ``lock`` entry of a start document: who held the beamline for this run."""
+        s = self.lock.status()
+        held = s.state == HELD
+        return {"owner": s.owner if held else "", "session": s.session if held else "",
+                "note": s.note if held else "", "token": s.token,
+                "acquired_at": s.acquired_at if held else 0.0}
 
     def _permitted(self, msg: Msg) -> Generator[Msg, Any, Any]:
         while not self.lock.held_by_me and self._re_running():
@@ -335,6 +417,42 @@ class LockGuard:
             self.signal.put(0)
         if armed and not held:
             self._maybe_adopt()
+        if not armed and held:
+            status = self.lock.status()
+            if status.yield_to and self._pool is not None:
+                self._pool.submit(self._yield_if_asked, "between plans")
+            elif status.waiters:
+                self._shorten_linger()
+
+    def _yield_if_asked(self, when: str) -> None:
+        """No plan runs and a higher-authority request waits for the queue's task to
+        end (``$(P)YieldTo``): hand the lock over and wait in line for it again."""
+        with self._mutex:
+            status = self.lock.status()
+            if self._armed or not self.lock.held_by_me or not status.yield_to:
+                if not self._armed and self.lock.held_by_me and status.waiters:
+                    self._shorten_linger()
+                return
+            try:
+                after = self.lock.handover(session=self.session, requeue=True,
+                                           lease=self.lease)
+            except LockError as exc:
+                log.warning("%s could not hand the lock over: %s", TAG, exc)
+                return
+            print(f"{TAG} handed the beamline lock to {after.owner} (higher authority, "
+                  f"waiting) {when}; the queue waits in line for it again", flush=True)
+            if not self._active:
+                self._schedule_linger(self.linger)   # leave the line if no plan comes
+
+    def _shorten_linger(self) -> None:
+        """Someone waits: release after ``waiting_linger`` rather than ``linger``."""
+        with self._mutex:
+            if self._active or self._linger_timer is None:
+                return
+            if self._linger_until - time.monotonic() > self.waiting_linger:
+                self._schedule_linger(self.waiting_linger)
+                print(f"{TAG} someone waits for the beamline lock: handing it over in "
+                      f"{self.waiting_linger:g} s unless a plan starts", flush=True)
 
     def _lost_reason(self, status: LockStatus) -> str:
         """Why the lock is not ours, with the lock IOC's last event when it answers."""
@@ -360,13 +478,17 @@ class LockGuard:
             log.warning("%s could not take over the queue's grant: %s", TAG, exc)
 
     # ---- linger and release -------------------------------------------------------------
-    def _schedule_linger(self) -> None:
-        """Caller holds the mutex (or nothing runs concurrently)."""
+    def _schedule_linger(self, delay: float | None = None) -> None:
+        """Caller holds the mutex (or nothing runs concurrently). ``delay``: default
+        ``linger``, or ``waiting_linger`` when someone waits for the lock."""
         self._cancel_linger()
-        timer = threading.Timer(self.linger, self._release_if_idle)
+        if delay is None:
+            delay = self.waiting_linger if self.lock.status().waiters else self.linger
+        timer = threading.Timer(delay, self._release_if_idle)
         timer.daemon = True
         timer.name = "beamline-lock guard linger"
         self._linger_timer = timer
+        self._linger_until = time.monotonic() + delay
         timer.start()
 
     def _cancel_linger(self) -> None:
@@ -381,8 +503,27 @@ class LockGuard:
             if threading.current_thread() is self._linger_timer:
                 self._linger_timer = None
             if not self.lock.held_by_me:
+                if self.lock.requesting == self.session:
+                    try:   # no plan waits for the lock we handed over: leave the line
+                        self.lock.withdraw(self.session)
+                        print(f"{TAG} left the line for the beamline lock "
+                              f"({self.linger:g} s without a plan)", flush=True)
+                    except LockError as exc:
+                        log.warning("%s could not withdraw the queue's request: %s", TAG,
+                                    exc)
                 return
+            waiters = self.lock.status().waiters
             try:
+                if waiters and not force:
+                    # Someone waits: theirs now; a plan that starts within the linger
+                    # waits in line for the lock instead of failing.
+                    after = self.lock.handover(session=self.session, requeue=True,
+                                               lease=self.lease)
+                    print(f"{TAG} handed the beamline lock to {after.owner} (waiting), "
+                          f"{self.waiting_linger:g} s without a plan; the queue waits in "
+                          f"line for {self.linger:g} s in case a plan starts", flush=True)
+                    self._schedule_linger(self.linger)
+                    return
                 self.lock.release(self.session)
                 why = "the guard was uninstalled" if force else \
                     f"{self.linger:g} s without a plan"
@@ -410,7 +551,9 @@ class LockGuard:
                 "plan_running": bool(self._active), "suspended": bool(self.signal.get()),
                 "reason": self.reason if self.signal.get() else "",
                 "lock": state_text(s), "linger": self.linger, "wait": self.wait,
-                "lease": self.lease}
+                "lease": self.lease, "waiting_linger": self.waiting_linger,
+                "waiting_in_line": self.lock.requesting == self.session,
+                "waiters": [w.who for w in s.waiters], "yield_to": s.yield_to}
 
 
 def is_safe_message(msg: Msg) -> bool:
@@ -450,10 +593,12 @@ def install_lock_guard(RE: Any, lock: BeamlineLock, *, session: str | None = Non
                        linger: float = DEFAULT_LINGER, wait: float | None = None,
                        lease: float = DEFAULT_LEASE,
                        resume_delay: float = DEFAULT_RESUME_DELAY,
-                       note: str = "bluesky queue") -> LockGuard:
+                       note: str = "bluesky queue",
+                       waiting_linger: float = DEFAULT_WAITING_LINGER) -> LockGuard:
     """Run every plan of ``RE`` under ``lock`` (see :class:`LockGuard`); returns the guard."""
     return LockGuard(lock, session=session, linger=linger, wait=wait, lease=lease,
-                     resume_delay=resume_delay, note=note).install(RE)
+                     resume_delay=resume_delay, note=note,
+                     waiting_linger=waiting_linger).install(RE)
 
 
 def _set_done(fut: asyncio.Future) -> None:

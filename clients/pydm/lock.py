@@ -12,6 +12,9 @@ The widgets and every PV name are in ``lock.ui``, generated from the PV contract
 * the History box: only the last ``lastLines`` events (a property in lock.ui), newest
   first, so the newest stays visible however long the events are (a QLabel whose text
   is too tall shows its top);
+* the Waiters box: one line per request waiting for the lock (``$(P)Waiters`` is JSON),
+  first in line first, with how long each has waited (redrawn on every Heartbeat);
+  Request, Withdraw, and Hand over (one click: to the first in line, as the holder);
 * confirmations that say what is sent: the operator commands show the reason; Renew
   and Release ask first when the session shown (which they act on) is not the one in
   this screen's Session field, e.g. the queue's session under the same ``user@host``;
@@ -25,6 +28,7 @@ import json
 import os
 import pwd
 import socket
+import time
 from collections.abc import Callable
 
 import numpy as np
@@ -50,6 +54,24 @@ def newest_first(history: str, count: int) -> str:
     return "\n".join(reversed(lines[-count:])) if count > 0 else ""
 
 
+def waiters_text(waiters: str, count: int, now: float | None = None) -> str:
+    """``$(P)Waiters`` (JSON, first in line first) as one line per waiter, with the time
+    each has waited: ``1. bob@ws2 session edge, 12 s 'Fe edge'``; "nobody" when empty."""
+    now = time.time() if now is None else now
+    try:
+        line = json.loads(waiters) if waiters.strip() else []
+    except ValueError:
+        return waiters
+    out = []
+    for i, w in enumerate(line[:count], 1):
+        note = f" '{w.get('note')}'" if w.get("note") else ""
+        out.append(f"{i}. {w.get('who')} session {w.get('session')}, "
+                   f"{max(0, now - float(w.get('since', now))):.0f} s{note}")
+    if len(line) > count:
+        out[-1] += f" (+{len(line) - count} more)"
+    return "\n".join(out) or "nobody"
+
+
 def ask(parent: QWidget, question: str) -> bool:
     """Yes/No, No by default (as PyDM's own confirmation dialog)."""
     box = QMessageBox(QMessageBox.Question, "Beamline lock", question,
@@ -69,6 +91,9 @@ class LockDisplay(Display):
             "acquire": self._acquire_text,
             "renew": self._renew_text,
             "release": self._shown_session,
+            "request": self._acquire_text,
+            "withdraw": self._session_entry,
+            "handover": self._shown_session,
             "force_release": self._reason_text,
             "disable": self._reason_text,
             "enable": self._reason_text,
@@ -88,6 +113,16 @@ class LockDisplay(Display):
             address=ui.history.channel, value_slot=self._history_value,
             connection_slot=self._history_connection)
         self._history_channel.connect()
+        self._waiters = ""
+        ui.waiters.setText(ui.waiters.channel)
+        self._waiters_channel = PyDMChannel(
+            address=ui.waiters.channel, value_slot=self._waiters_value,
+            connection_slot=self._waiters_connection)
+        self._waiters_channel.connect()
+        self._tick_channel = PyDMChannel(          # redraw the waiting times every second
+            address=ui.waiters.channel.replace("Waiters", "Heartbeat"),
+            value_slot=self._tick_value)
+        self._tick_channel.connect()
 
     # ---- what each command writes ---------------------------------------------------
     # (PyDM also sets each widget of the .ui as an attribute of the display: no method
@@ -109,12 +144,15 @@ class LockDisplay(Display):
     def _shown_session(self) -> str:
         return self.ui.session.text().strip()
 
+    def _session_entry(self) -> str:
+        return self.ui.acquire_session.text().strip()
+
     def _reason_text(self) -> str:
         return self.ui.reason.text().strip()
 
     def _question(self, name: str, button, text: str) -> str:
         """What to ask before writing ``text`` ("" = write at once)."""
-        if name in ("renew", "release"):
+        if name in ("renew", "release", "handover"):
             shown, mine = self._shown_session(), self.ui.acquire_session.text().strip()
             if not shown or shown == mine:
                 return ""
@@ -139,6 +177,25 @@ class LockDisplay(Display):
     def _history_connection(self, connected: bool) -> None:
         if not connected:            # as every other readback: show the PV it waits for
             self.ui.history.setText(self.ui.history.channel)
+
+    # ---- waiters: one line each, with the time waited ------------------------------------
+    def _waiters_value(self, value) -> None:
+        self._waiters = str(parse_value_for_display(value, 0, DisplayFormat.String, "utf_8",
+                                                    self.ui.waiters))
+        self._draw_waiters()
+
+    def _tick_value(self, _value) -> None:
+        if self._waiters:
+            self._draw_waiters()
+
+    def _draw_waiters(self) -> None:
+        shown = int(self.ui.waiters.property("waitersShown"))
+        self.ui.waiters.setText(waiters_text(self._waiters, shown))
+
+    def _waiters_connection(self, connected: bool) -> None:
+        if not connected:
+            self._waiters = ""
+            self.ui.waiters.setText(self.ui.waiters.channel)
 
     # ---- state colour -----------------------------------------------------------------
     def _state_enums(self, names) -> None:

@@ -8,7 +8,8 @@
 # Settings (environment of start-re-manager): QUEUE_LOCK_SESSION (default "queue"),
 # QUEUE_LOCK_LINGER seconds (default 5), QUEUE_LOCK_WAIT seconds or "none" (default
 # none: a plan fails at once when someone else holds the lock), QUEUE_LOCK_LEASE
-# seconds (default 30). See docs/queueserver.md.
+# seconds (default 30), QUEUE_LOCK_WAITING_LINGER seconds (default 1: the linger while
+# someone waits for the lock). See docs/queueserver.md.
 import os
 
 from bluesky_queueserver import is_re_worker_active
@@ -30,7 +31,8 @@ if is_re_worker_active():
         session=os.environ.get("QUEUE_LOCK_SESSION") or "queue",
         linger=seconds_from_env(os.environ, "QUEUE_LOCK_LINGER", 5.0),
         wait=seconds_from_env(os.environ, "QUEUE_LOCK_WAIT", None),
-        lease=seconds_from_env(os.environ, "QUEUE_LOCK_LEASE", 30.0))
+        lease=seconds_from_env(os.environ, "QUEUE_LOCK_LEASE", 30.0),
+        waiting_linger=seconds_from_env(os.environ, "QUEUE_LOCK_WAITING_LINGER", 1.0))
 
     def lock_reacquire():
         """Take the lock for the queue again; a plan the guard suspended then resumes.

@@ -5,6 +5,8 @@
 import { ReconnectingSocket } from "../net/socket";
 import { COMMANDS, WATCHED } from "./contract";
 import { createKeepAlive, release, step, take, type KeepAlive, type Put } from "./keepalive";
+import { handover, lineStep, lineView, request, withdraw, type LinePut, type LineRequest,
+         type LineView } from "./line";
 import { applyMessage, emptyStore, socketClosed, socketOpened, type PvStore } from "./pvstore";
 import { heldBy, lockView, type LockView } from "./view";
 
@@ -29,6 +31,8 @@ export interface LockClientOptions {
 export class LockClient {
   store: PvStore = emptyStore();
   ka: KeepAlive;
+  /** This page's request while it waits in line (line.ts), null when none. */
+  req: LineRequest | null = null;
   /** Last error ophyd-websocket's PV socket sent (e.g. a refused Stop). */
   socketError = "";
   /** Called after every change of store, ka or socketError. */
@@ -67,6 +71,30 @@ export class LockClient {
 
   get session(): string {
     return this.opts.session;
+  }
+
+  /** Who waits for the lock, and this page's place. */
+  get line(): LineView {
+    return lineView(this.store, this.opts.session);
+  }
+
+  /** Ask for the lock: granted if it is free for us, else wait in line (kept renewed). */
+  request(lease: number, note: string): void {
+    const r = request(this.opts.session, { lease, note }, this.now());
+    this.req = r.req;
+    this.send(r.puts);
+    this.changed();
+  }
+
+  withdraw(): void {
+    this.req = null;
+    this.send(withdraw(this.opts.session));
+    this.changed();
+  }
+
+  /** The holder: give the lock to the first in line, in one step. */
+  handover(): void {
+    this.send(handover(this.opts.session));
   }
 
   take(lease: number, note: string): void {
@@ -108,7 +136,7 @@ export class LockClient {
     this.socket.close();
   }
 
-  private send(puts: Put[]): void {
+  private send(puts: Array<Put | LinePut>): void {
     for (const put of puts) {
       // A JSON object, never a bare value: ophyd-websocket turns numeric text into numbers.
       this.socket.send({ action: "set", pv: this.opts.prefix + put.command,
@@ -125,6 +153,12 @@ export class LockClient {
 
   private drive(): void {
     this.apply(step(this.ka, this.view, this.now()));
+    const r = lineStep(this.req, this.view, this.line, this.opts.session, this.now());
+    this.send(r.puts);
+    if (r.req !== this.req) {
+      this.req = r.req;
+      this.changed();
+    }
   }
 
   private update(next: PvStore): void {

@@ -5,10 +5,11 @@ import icd from "../../../docs/pv-interface.json";
 
 /** Lock PVs whose values the page watches (State first: it decides the rest). */
 export const WATCHED = ["State", "Owner", "Session", "Note", "Token", "Remaining", "Message",
-                        "History", "DisabledReason", "LeaseDefault", "LeaseMax"] as const;
+                        "History", "DisabledReason", "LeaseDefault", "LeaseMax",
+                        "Waiters", "WaiterCount", "YieldTo"] as const;
 /** Command PVs the page puts to (ophyd-websocket puts only to subscribed PVs). */
 export const COMMANDS = ["Acquire", "Renew", "Release", "ForceRelease", "Disable",
-                         "Enable"] as const;
+                         "Enable", "Request", "Withdraw", "Handover"] as const;
 
 export type Watched = (typeof WATCHED)[number];
 export type Command = (typeof COMMANDS)[number];

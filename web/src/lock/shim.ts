@@ -1,7 +1,8 @@
 // The web page's lock client (LockClient: store, keep-alive, socket wiring) run in node
 // against a real ophyd-websocket seat, for tests/test_websocket.py. Not part of the page.
 //   node --experimental-websocket shim.cjs WS_URL LOCK_PREFIX SESSION
-// stdin, one command a line: `take LEASE NOTE...`, `release`, `renew`.
+// stdin, one command a line: `take LEASE NOTE...`, `release`, `renew`, `request LEASE
+// NOTE...`, `withdraw`, `handover`.
 // stdout: what the page would show, as JSON, on every change.
 import * as readline from "node:readline";
 import { LockClient } from "./client";
@@ -30,6 +31,9 @@ client.onChange = () => {
     renewing: client.ka.hold !== null,
     hold: client.ka.hold ? { token: client.ka.hold.token } : null,
     outcome: client.ka.outcome?.kind ?? null,
+    waiters: client.line.waiters.map((w) => `${w.who} ${w.session}`),
+    place: client.line.place,
+    requesting: client.req !== null,
   });
   if (shown !== last) {
     console.log(shown);
@@ -42,6 +46,9 @@ readline.createInterface({ input: process.stdin }).on("line", (line) => {
   if (verb === "take") client.take(Number(rest[0]), rest.slice(1).join(" "));
   else if (verb === "release") client.release();
   else if (verb === "renew") client.renew();
+  else if (verb === "request") client.request(Number(rest[0]), rest.slice(1).join(" "));
+  else if (verb === "withdraw") client.withdraw();
+  else if (verb === "handover") client.handover();
   else console.error(`shim: unknown command ${JSON.stringify(line)}`);
 }).on("close", () => {
   client.close();

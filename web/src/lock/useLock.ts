@@ -4,6 +4,7 @@ import { owsSocketUrl, type AppConfig } from "../config";
 import { createKeepAlive, type KeepAlive } from "./keepalive";
 import { emptyStore } from "./pvstore";
 import { LockClient, type OperatorCommand } from "./client";
+import { lineView, type LineView } from "./line";
 import { lockView, type LockView } from "./view";
 
 export interface LockApi {
@@ -18,6 +19,13 @@ export interface LockApi {
   operator(command: OperatorCommand, reason: string): void;
   putPv(pv: string, value: number | string): boolean;
   releaseAndWait(ms: number): Promise<void>;
+  /** Who waits for the lock, and this page's place (line.ts). */
+  line: LineView;
+  /** This page has a request waiting (renewed while it waits). */
+  requesting: boolean;
+  request(lease: number, note: string): void;
+  withdraw(): void;
+  handover(): void;
 }
 
 const IDLE_VIEW = lockView(emptyStore());
@@ -51,5 +59,10 @@ export function useLock(cfg: AppConfig, user: string, apiKey: string, extraPvs: 
     operator: (command, reason) => client?.operator(command, reason),
     putPv: (pv, value) => client?.putPv(pv, value) ?? false,
     releaseAndWait: async (ms) => { await client?.releaseAndWait(ms); },
+    line: client ? client.line : lineView(emptyStore(), session),
+    requesting: client?.req != null,
+    request: (lease, note) => client?.request(lease, note),
+    withdraw: () => client?.withdraw(),
+    handover: () => client?.handover(),
   };
 }

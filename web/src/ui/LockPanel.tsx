@@ -7,6 +7,7 @@ import type { QueueItem } from "../queue/useQueue";
 import { itemText } from "../queue/plans";
 import { Action, Panel } from "./finch";
 import { ReasonDialog, type ReasonRequest } from "./ReasonDialog";
+import { WaitersPanel } from "./WaitersPanel";
 
 function outcomeText(outcome: Outcome | null, message: string): string {
   switch (outcome?.kind) {
@@ -97,6 +98,7 @@ export function LockPanel({ cfg, lock, operator, running }:
          className={ka.outcome?.kind === "refused" || ka.outcome?.kind === "no-grant" ? "error" : ""}>
         {outcomeText(ka.outcome, view.message)}
       </p>
+      <WaitersPanel lock={lock} note={note} lease={leaseSeconds} leaseOk={leaseProblem === ""} />
 
       {operator && (
         <div className="operator" role="group" aria-label="Operator commands">
