@@ -11,7 +11,9 @@ in the same run, samples of the things compared taken in turn.
   - client: ``BeamlineLock.acquire()`` / ``release()`` (what ``lockctl``, the RunEngine
     guard and the ophyd gate use): the put, then the client's own confirmation that its
     monitors show the grant with its token (or the release);
-  - also, for scale: the same plain put to EPICS base's C ``softIoc``.
+  - also, for scale: the same plain put to EPICS base's C ``softIoc``, and one durable
+    commit of the lock's store (SQLite, ``synchronous=FULL``) on the same file system:
+    with the plain put, the floor of a durable command.
 
   Target: acquire and release within 1.5x the plain put (median).
 
@@ -103,13 +105,24 @@ def latency(ioc: LockIOC, cycles: int) -> dict[str, list[float]]:
         if put_callback(pv, dbr.LONG, (ctypes.c_int32 * 1)(i), 10) != dbr.ECA_NORMAL:
             raise RuntimeError(f"put to {pv.pvname} failed")
 
+    # The lock's own store on the same file system: one durable commit, the disk's part
+    # of a command's floor.
+    from lock_ioc.machine import Event, LockState
+    from lock_ioc.store import Store
+    store = Store(Path(ioc.workdir) / "floor.sqlite3")
+    held = LockState(mode="Held", owner="bench@host", session="bench", token=1, expiry=1e10)
+
+    def commit(i: int) -> None:
+        store.commit(held, [Event(time.time(), "acquired", "bench@host", "bench", i)])
+
     steps = {
         "ping": lambda i: plain_put(ping, i),
         "acquire": lambda i: lock.acquire(),
         "release": lambda i: lock.release(),
         "softIoc ping": lambda i: plain_put(ref_ping, i),
+        "commit": commit,
     }
-    groups = [("ping",), ("acquire", "release"), ("softIoc ping",)]
+    groups = [("ping",), ("acquire", "release"), ("softIoc ping",), ("commit",)]
     out: dict[str, list[float]] = {name: [] for name in steps}
     clock = time.perf_counter
     try:
@@ -123,6 +136,7 @@ def latency(ioc: LockIOC, cycles: int) -> dict[str, list[float]]:
                         out[name].append(clock() - t0)
     finally:
         lock.close()
+        store.close()
     return out
 
 
@@ -190,12 +204,15 @@ def main() -> int:
           f"{tempfile.gettempdir()}")
     base = statistics.median(res["ping"])
     rows = [("plain put+callback (Ping)", "ping"), ("acquire-to-confirmed", "acquire"),
-            ("release-to-confirmed", "release"), ("plain put to C softIoc", "softIoc ping")]
+            ("release-to-confirmed", "release"), ("plain put to C softIoc", "softIoc ping"),
+            ("durable store commit", "commit")]
     for label, key in rows:
         print(f"{fmt(label, res[key], width=28, unit='ms')}   "
               f"ratio {statistics.median(res[key]) / base:5.2f}")
     print("(ratio: median / median of the plain put to $(P)Ping in this run; "
           "target <= 1.5 for acquire and release)")
+    print(f"floor of a durable command (plain put + store commit)      ratio "
+          f"{1 + statistics.median(res['commit']) / base:5.2f}")
     if fan:
         print(f"fan-out: a state change until each of {args.clients} camonitor clients "
               "has it (both servers' changes alternate)")

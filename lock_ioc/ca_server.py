@@ -29,8 +29,11 @@ import asyncio
 import contextlib
 import contextvars
 import logging
+import os
+import queue
 import socket
 import struct
+import threading
 
 import caproto as ca
 from caproto.asyncio.server import Context as _AsyncioContext
@@ -50,6 +53,15 @@ STALL_TIMEOUT = 30.0
 #: each subscription. A command's burst is ~10 updates (under 20 kB with a full 16 kB
 #: History), so a client that keeps up never reaches this and sees every value.
 PENDING_LIMIT = 256 * 1024
+
+#: A burst to at least this many clients is written by several threads at once.
+PARALLEL_MIN = 8
+#: Threads that write such bursts besides the event loop's. Each one the kernel schedules
+#: on its own, as the C server's per-client threads: a send whose wake-up of a local
+#: client takes one thread's CPU holds up only that thread's share (a same-run A/B with
+#: 200 local camonitors: median to each client 1.57x the C server's with them, 2.0x
+#: without).
+SENDER_THREADS = 7
 
 
 class PendingUpdates:
@@ -128,6 +140,7 @@ class LockCircuit(_AsyncioCircuit):
         self._backlogged = False  # the socket stopped taking data: updates wait in pending
         self._held: list[bytes] = []  # a burst waiting to go out with the put's reply
         self._writer = client.writer
+        self.fd = self._writer.get_extra_info("socket").fileno()
         self._high_water = self._writer.transport.get_write_buffer_limits()[1]
 
     def who(self) -> str:
@@ -150,29 +163,39 @@ class LockCircuit(_AsyncioCircuit):
         return removed
 
     # ---- sending -----------------------------------------------------------------------
-    def deliver(self, commands: list, *, hold: bool = False) -> None:
-        """Send one burst of updates now, with one write (``hold``: with the next reply
-        instead); when the socket is not taking data, leave them to the sending task."""
+    def deliver(self, commands: list, *, hold: bool = False) -> bytes | None:
+        """One burst of updates: the bytes to send now, with one write (``hold``: kept
+        for the next reply instead); when the socket is not taking data, they are left to
+        the sending task. None when there is nothing to send now."""
         if not self.connected:
-            return
-        transport = self._writer.transport
-        if self._backlogged or self.pending or transport.is_closing():
+            return None
+        if self._backlogged or self.pending or self._writer.transport.is_closing():
             self.pending.extend(commands)
             self._wake.set()
-            return
+            return None
         data = self._serialize(commands)
         if hold:
             if not self._held:  # sent at the latest in the next step of the loop
                 asyncio.get_running_loop().call_soon(self._flush_held)
             self._held.append(data)
-            return
-        self._write(data)
+            return None
+        if self._held:
+            data = b"".join(self._held) + data
+            self._held.clear()
+        return data
+
+    def socket_idle(self) -> bool:
+        """Whether nothing waits in the transport: bytes may go straight to the socket."""
+        return self._writer.transport.get_write_buffer_size() == 0 and \
+            not self._writer.transport.is_closing()
 
     def _flush_held(self) -> None:
         if self._held and self.connected:
-            self._write(b"")
+            self.send_now(b"")
 
-    def _write(self, data: bytes) -> None:
+    def send_now(self, data: bytes) -> None:
+        """Write through the transport (after any held burst); past its high-water mark
+        the updates that follow wait in :attr:`pending`."""
         if self._held:
             data = b"".join(self._held) + data
             self._held.clear()
@@ -209,7 +232,7 @@ class LockCircuit(_AsyncioCircuit):
                 commands = self.pending.take()
                 if not commands:
                     break
-                self._write(self._serialize(commands))
+                self.send_now(self._serialize(commands))
             self._backlogged = False
 
     def _serialize(self, commands) -> bytes:
@@ -280,6 +303,45 @@ async def post(chan, value, timestamp: float) -> None:
     await chan.publish(VALUE_CHANGE)
 
 
+class Senders:
+    """Threads that write bytes to many non-blocking sockets at once, with the calling
+    thread: :meth:`send` returns when every socket took what it would."""
+
+    def __init__(self, threads: int = SENDER_THREADS):
+        self._jobs: list[queue.SimpleQueue] = []
+        self._done: queue.SimpleQueue = queue.SimpleQueue()
+        for k in range(threads):
+            jobs: queue.SimpleQueue = queue.SimpleQueue()
+            self._jobs.append(jobs)
+            threading.Thread(target=self._run, args=(jobs,), daemon=True,
+                             name=f"lock-ioc sender {k}").start()
+
+    def send(self, items: list[tuple[int, bytes]]) -> list[int]:
+        """Write each ``(fd, data)``; the bytes each socket took (0 when it took none)."""
+        sent = [0] * len(items)
+        parts = len(self._jobs) + 1
+        for k, jobs in enumerate(self._jobs, 1):
+            jobs.put((items, sent, k, parts))
+        self._write(items, sent, 0, parts)
+        for _ in self._jobs:
+            self._done.get()
+        return sent
+
+    def _run(self, jobs: queue.SimpleQueue) -> None:
+        while True:
+            self._write(*jobs.get())
+            self._done.put(None)
+
+    @staticmethod
+    def _write(items, sent: list[int], start: int, step: int) -> None:
+        for i in range(start, len(items), step):
+            fd, data = items[i]
+            try:
+                sent[i] = os.write(fd, data)
+            except OSError:  # full (BlockingIOError) or gone: the transport takes over
+                sent[i] = 0
+
+
 class _Fanout:
     """The context's ``subscription_queue`` as caproto's PVs fill it (one item per PV
     write and data type): handed to the subscribers at once, in the writer's task."""
@@ -298,6 +360,7 @@ class LockServerContext(_AsyncioContext):
         super().__init__(pvdb, interfaces)
         self.stall_timeout = stall_timeout
         self.subscription_queue = _Fanout(self)
+        self.senders = Senders()
         self._burst: dict[LockCircuit, list] = {}
         self._depth = 0        # explicit bursts open
         self._step_flush = False  # a flush at the end of this step of the loop is due
@@ -355,13 +418,35 @@ class LockServerContext(_AsyncioContext):
         request = REQUEST.get()
         replying = request[0] if request is not None and \
             isinstance(request[1], ca.WriteNotifyRequest) else None
+        ready: list[tuple[LockCircuit, bytes]] = []
         for circuit, commands in burst.items():
             if not commands:
                 continue
             try:
-                circuit.deliver(commands, hold=circuit is replying)
+                data = circuit.deliver(commands, hold=circuit is replying)
             except Exception:
                 log.exception("monitor updates for %s failed", circuit.who())
+                continue
+            if data:
+                ready.append((circuit, data))
+        if len(ready) < PARALLEL_MIN:
+            for circuit, data in ready:
+                circuit.send_now(data)
+            return
+        # Many clients: write to their sockets from several threads at once (the sends
+        # release the GIL), so that one send's wake-up of a local client, which may take
+        # this thread's CPU, does not hold up the others. Sockets with bytes still queued
+        # in their transport, and what a socket does not take, go through the transport.
+        direct = []
+        for circuit, data in ready:
+            if circuit.socket_idle():
+                direct.append((circuit, data))
+            else:
+                circuit.send_now(data)
+        sent = self.senders.send([(circuit.fd, data) for circuit, data in direct])
+        for (circuit, data), n in zip(direct, sent):
+            if n < len(data):
+                circuit.send_now(data[n:])
 
     async def _subscription_queue_iteration(self, sub_specs, metadata, values, flags, sub):
         """Hand one value to each subscriber, from a snapshot of the subscriber lists.
