@@ -13,7 +13,8 @@ Measured, with N = 10, 20, 30 device IOCs (grown in one run):
 * a lock change until every device IOC has changed a queue-group client's access rights
   (the ACF's gate input updated; the rights event reaches the client, caproto's client as
   ``bluesky``): an Acquire (rights revoked) and a Release (restored), put with callback by
-  a staff member; the reference: a put to its ``Gate:queue`` (0, then 1). Changes of the
+  a staff member; the reference: a put to its ``Lock`` record, which changes its State (to
+  the 200 monitors) and its ``Gate:queue`` at once, as a lock change does. Changes of the
   two alternate. Per change the time until the last of the N IOCs (and until each one);
 * the lock IOC's resident memory (RSS) and CPU while idle with all of them connected
   (over ``--idle`` seconds), and the C server's, and how both grow from 10 to 30 IOCs.
@@ -52,15 +53,21 @@ groups:
   staff:    {{users: [alice, bob, {user}]}}
   operator: {{users: [operator], operator: true}}
 """
-#: The reference server: the lock's gates and state as plain records.
+#: The reference server: the lock's state and gates as records. A put to Lock (1 held by
+#: staff, 0 free) changes State and Gate:queue at once, as a lock change does.
 REF_DB = """\
+record(longout, "{p}Lock") {{
+    field(OUT, "{p}State PP")
+    field(FLNK, "{p}Gate:queue")
+}}
 record(mbbo, "{p}State") {{
     field(ZRST, "Free")
     field(ONST, "Held")
     field(TWST, "Disabled")
 }}
-record(longout, "{p}Gate:queue") {{
-    field(VAL, "1")
+record(calcout, "{p}Gate:queue") {{
+    field(INPA, "{p}Lock NPP")
+    field(CALC, "A=0")
     field(PINI, "YES")
 }}
 record(longout, "{p}Gate:staff") {{
@@ -168,16 +175,16 @@ def idle(pids: dict[str, int], seconds: float) -> dict[str, tuple[float, float]]
     return out
 
 
-def cycles(rights: Rights, n: int, count: int, lock_pvs, ref_gate
+def cycles(rights: Rights, n: int, count: int, lock_pvs, ref_lock
            ) -> dict[str, list[tuple[float, list[float]]]]:
     """Alternate lock changes and reference changes; per change (to the last IOC, to each)."""
     gated = [f"DEV{i}:Shutter:Open" for i in range(n)]
-    ref_gated = [f"DEV{i}:Ref:Open" for i in range(n)]
+    ref_lockd = [f"DEV{i}:Ref:Open" for i in range(n)]
     acquire, release = lock_pvs
     steps = [("lock", lambda: acquire.write(b"bench", wait=True, timeout=10), gated, False),
-             ("ref", lambda: ref_gate.write([0], wait=True, timeout=10), ref_gated, False),
+             ("ref", lambda: ref_lock.write([1], wait=True, timeout=10), ref_lockd, False),
              ("lock", lambda: release.write(b"bench", wait=True, timeout=10), gated, True),
-             ("ref", lambda: ref_gate.write([1], wait=True, timeout=10), ref_gated, True)]
+             ("ref", lambda: ref_lock.write([0], wait=True, timeout=10), ref_lockd, True)]
     out: dict[str, list] = {"lock": [], "ref": []}
     for i in range(count + 2):  # 2 warm-up cycles
         order = steps if i % 2 == 0 else [steps[1], steps[0], steps[3], steps[2]]
@@ -222,8 +229,8 @@ def main() -> int:
             from caproto.threading.client import Context
             staff = Context()  # this process's user, a staff member in the lock's config
             lock_pvs = staff.get_pvs(lock.pv("Acquire"), lock.pv("Release"), timeout=10)
-            ref_gate, = staff.get_pvs(REF + "Gate:queue", timeout=10)
-            for pv in (*lock_pvs, ref_gate):
+            ref_lock, = staff.get_pvs(REF + "Lock", timeout=10)
+            for pv in (*lock_pvs, ref_lock):
                 pv.wait_for_connection(timeout=10)
             mons = Camonitors(args.clients, [lock.pv("State"), REF + "State"],
                               dict(net.client_env(), EPICS_CA_CONN_TMO="30"))
@@ -238,7 +245,7 @@ def main() -> int:
                 names = [f"DEV{i}:{r}" for i in range(n) for r in ("Shutter:Open", "Ref:Open")]
                 rights.watch([x for x in names if x not in rights.writable])
                 rights.wait(names, True)  # every ACF has its gates
-                times = cycles(rights, n, args.cycles, lock_pvs, ref_gate)
+                times = cycles(rights, n, args.cycles, lock_pvs, ref_lock)
                 use = idle({"lock": lock.proc.pid, "ref": ref.proc.pid}, args.idle)
                 results.append((n, times, use))
             staff.disconnect()

@@ -198,10 +198,16 @@ class LockIOCBase(PVGroup):
         return self.pvdb[self.prefix + suffix]
 
     async def publish(self, now: float) -> None:
-        """Write the PVs whose value or alarm changed (monitors fire once per change)."""
+        """Write the PVs whose value or alarm changed (monitors fire once per change).
+
+        Gates first: a burst goes out client by client in the order its updates were
+        made, so the device IOCs, which enforce the lock, get theirs before the displays.
+        """
         alarm = NO_ALARM if self.undurable is None else NOT_DURABLE
         stamp = time.time()
-        for suffix, value in self.values(now).items():
+        values = sorted(self.values(now).items(),
+                        key=lambda item: not item[0].startswith(contract.GATE_PREFIX))
+        for suffix, value in values:
             seen = self._published.get(suffix)
             if seen == (value, alarm):
                 continue
