@@ -95,11 +95,13 @@ def device_acf(lock_config: Path) -> str:
                                 + block + "\n")
 
 
-def device_ioc(work: Path, index: int, acf: str, net: CANetwork, port: int
-               ) -> services.Service:
-    """Device IOC ``DEV<index>:`` on ``port``: db/shutter.db and a reference-gated record."""
+def device_ioc(work: Path, index: int, acf: str, net: CANetwork) -> services.Service:
+    """Device IOC ``DEV<index>:`` on a free port: db/shutter.db and a reference-gated
+    record."""
     prefix = f"DEV{index}:"
     work.mkdir(parents=True, exist_ok=True)
+    port = services.free_port(set(net.ports))
+    net.add(port)
     st_cmd = (f'asSetFilename("{work / "device.acf"}")\n'
               f'dbLoadRecords("{REPO / "db" / "shutter.db"}", "P={prefix}")\n'
               f'dbLoadRecords("{work / "ref.db"}", "P={prefix}")\n'
@@ -198,6 +200,21 @@ def cycles(rights: Rights, n: int, count: int, lock_pvs, ref_lock
     return out
 
 
+def start_device(devices: services.Stack, work: Path, i: int, acf: str, net: CANetwork
+                 ) -> None:
+    """Start device IOC ``i``; on a port another process took meanwhile (this machine is
+    shared), again on another."""
+    for attempt in range(3):
+        service = device_ioc(work / f"dev{i}", i, acf, net)
+        try:
+            devices.start(service, f"dev{i}-{attempt}")
+            return
+        except RuntimeError:
+            devices.launched.pop().stop()
+            net.ports.remove(service.ports["ca"])
+    raise RuntimeError(f"device IOC {i} did not start (see {work}/dev{i}-*.log)")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cycles", type=int, default=30, help="cycles per size")
@@ -216,10 +233,6 @@ def main() -> int:
         ref = Server(net, [tool("softIoc"), "-S", "-d", str(work / "ref-server.db")],
                      log=work / "ref-softioc.log", ready_pv=REF + "State")
         devices = services.Stack(work)
-        # Every client knows every server from the start (the device IOCs join later).
-        ports = [services.free_port(set(net.ports)) for _ in range(max(args.sizes))]
-        for port in ports:
-            net.add(port)
         mons = rights = None
         try:
             lock.start()
@@ -235,15 +248,18 @@ def main() -> int:
             mons = Camonitors(args.clients, [lock.pv("State"), REF + "State"],
                               dict(net.client_env(), EPICS_CA_CONN_TMO="30"))
             mons.wait_connected()
-            rights = Rights()
             started = 0
             for n in args.sizes:
                 for i in range(started, n):
-                    devices.start(device_ioc(work / f"dev{i}", i, acf, net, ports[i]),
-                                  f"dev{i}")
+                    start_device(devices, work, i, acf, net)
                 started = n
+                # A client that knows every device IOC started so far.
+                if rights is not None:
+                    rights.close()
+                os.environ.update(net.client_env())
+                rights = Rights()
                 names = [f"DEV{i}:{r}" for i in range(n) for r in ("Shutter:Open", "Ref:Open")]
-                rights.watch([x for x in names if x not in rights.writable])
+                rights.watch(names)
                 rights.wait(names, True)  # every ACF has its gates
                 times = cycles(rights, n, args.cycles, lock_pvs, ref_lock)
                 use = idle({"lock": lock.proc.pid, "ref": ref.proc.pid}, args.idle)

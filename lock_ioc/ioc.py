@@ -7,7 +7,9 @@ raises :class:`LockRefused`, which caproto returns to the client as the put's er
 changes no PV but Message and raises no alarm; state PVs are written only when their
 value or alarm changes. When the store cannot be written a command is refused with that
 reason, and a lease that ends meanwhile is shown as not durable (INVALID alarm, every
-gate closed) until the store takes it. The CA server itself is in :mod:`.ca_server`.
+gate closed) until the store takes it. A command's updates go to each client as one burst
+(gates first, Message last), the commanding client's before its put's reply; the CA
+server itself is in :mod:`.ca_server`.
 """
 from __future__ import annotations
 
