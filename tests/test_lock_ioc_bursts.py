@@ -164,3 +164,45 @@ def test_a_subscription_with_a_channel_filter_still_gets_updates(lock, clients):
     me.subscribe(lock.pv("Owner") + ".[0:2]")
     got = me.updates(me.put(lock.pv("Acquire"), "burst"))
     assert (lock.pv("Owner") + ".[0:2]", ME[:3]) in got
+
+
+CLIENT = """
+import os
+from beamline_lock.client import BeamlineLock, LockNotHeld
+reads = []
+read = BeamlineLock._read
+def counted(self, suffix):
+    reads.append(suffix)
+    return read(self, suffix)
+BeamlineLock._read = counted
+lock = BeamlineLock(os.environ["LOCK_PREFIX"], session="burst", lease=60, timeout=10)
+for step, command in (("acquire", lambda: lock.acquire()),
+                      ("renew", lambda: lock.renew()),
+                      ("release", lambda: lock.release()),
+                      ("disable", lambda: lock.disable("maintenance")),
+                      ("enable", lambda: lock.enable("done"))):
+    del reads[:]
+    st = command()
+    print(step, st.state, st.token, "reads", reads)
+del reads[:]
+try:
+    lock.release()
+except LockNotHeld:
+    print("refused reads", reads)
+"""
+
+
+def test_the_client_confirms_from_its_monitors_without_reading_back(net, lock):
+    """The Python client relies on the burst order: no CA read after a granted command
+    (a refusal still reads its reason)."""
+    import subprocess
+    import sys
+    env = dict(net.client_env(), LOCK_PREFIX=lock.prefix)
+    r = subprocess.run([sys.executable, "-c", CLIENT], env=env, capture_output=True,
+                       text=True, timeout=90)
+    assert r.returncode == 0, r.stdout + r.stderr
+    lines = r.stdout.splitlines()
+    assert lines[:5] == ["acquire Held 1 reads []", "renew Held 1 reads []",
+                         "release Free 1 reads []", "disable Disabled 1 reads []",
+                         "enable Free 1 reads []"], r.stdout
+    assert lines[5] == "refused reads ['Message']", r.stdout
