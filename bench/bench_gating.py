@@ -23,8 +23,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _stats import fmt  # noqa: E402
-from beamline_env import SoftIoc  # noqa: E402
+# epics_env first: it puts the checkout (demo/, which beamline_env imports) on the path.
 from epics_env import HOST, CANetwork, LockIOC, wait_until  # noqa: E402
+from beamline_env import SoftIoc  # noqa: E402
 
 
 def run(lock: LockIOC, beamline: SoftIoc, cycles: int) -> tuple[list[float], list[float]]:

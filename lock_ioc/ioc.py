@@ -7,11 +7,14 @@ raises :class:`LockRefused`, which caproto returns to the client as the put's er
 changes no PV but Message and raises no alarm; state PVs are written only when their
 value or alarm changes. When the store cannot be written a command is refused with that
 reason, and a lease that ends meanwhile is shown as not durable (INVALID alarm, every
-gate closed) until the store takes it. The CA server itself is in :mod:`.ca_server`.
+gate closed) until the store takes it. A command's updates go to each client as one burst
+(gates first, Message last), the commanding client's before its put's reply; the CA
+server itself is in :mod:`.ca_server`.
 """
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import logging
 import math
@@ -25,7 +28,7 @@ from caproto.server import PVGroup, pvproperty
 from caproto.server.server import PvpropertyByte
 
 from . import contract
-from .ca_server import REQUEST, STALL_TIMEOUT, LockServerContext
+from .ca_server import REQUEST, STALL_TIMEOUT, LockServerContext, post
 from .config import Config
 from .machine import HELD, UNKNOWN_INDEX, LockMachine, LockState, Outcome
 from .requests import Refused
@@ -71,12 +74,13 @@ class CommandChannel(PvpropertyByte):
 
     async def write_from_dbr(self, data, data_type, metadata, *, flags=0):
         name = self.pvspec.name
-        try:
-            raw = command_bytes(name, self.pvname, data, data_type)
-        except Refused as exc:
-            await self.group.refuse(name, exc.message)
-        await self.group.command(name, raw)
-        await self.write(raw, verify_value=False, flags=flags)
+        with self.group.burst():  # its updates reach the client before the put's reply
+            try:
+                raw = command_bytes(name, self.pvname, data, data_type)
+            except Refused as exc:
+                await self.group.refuse(name, exc.message)
+            await self.group.command(name, raw)
+            await post(self, raw, time.time())
 
 
 def command_bytes(name: str, pvname: str, data, data_type) -> bytes:
@@ -166,6 +170,9 @@ class LockIOCBase(PVGroup):
         self._published: dict[str, tuple[Any, tuple]] = dict(published or {})
         self._retry_at = 0.0
         self._cmd_lock: asyncio.Lock | None = None
+        #: Groups PV updates so each client gets them in one write (the server context's
+        #: ``burst``, set by :func:`serve`).
+        self.burst: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
         super().__init__(*args, **kwargs)
 
     # ---- values ---------------------------------------------------------------
@@ -200,21 +207,30 @@ class LockIOCBase(PVGroup):
         return self.pvdb[self.prefix + suffix]
 
     async def publish(self, now: float) -> None:
-        """Write the PVs whose value or alarm changed (monitors fire once per change)."""
+        """Write the PVs whose value or alarm changed (monitors fire once per change).
+
+        Gates first: a burst goes out client by client in the order its updates were
+        made, so the device IOCs, which enforce the lock, get theirs before the displays.
+        """
         alarm = NO_ALARM if self.undurable is None else NOT_DURABLE
-        for suffix, value in self.values(now).items():
+        stamp = time.time()
+        values = sorted(self.values(now).items(),
+                        key=lambda item: not item[0].startswith(contract.GATE_PREFIX))
+        for suffix, value in values:
             seen = self._published.get(suffix)
             if seen == (value, alarm):
                 continue
             self._published[suffix] = (value, alarm)
-            status = {} if seen is not None and seen[1] == alarm else \
-                dict(status=alarm[0], severity=alarm[1])
-            await self.channel(suffix).write(value, verify_value=False, **status)
+            if seen is not None and seen[1] == alarm:
+                await post(self.channel(suffix), value, stamp)
+            else:
+                await self.channel(suffix).write(value, verify_value=False, timestamp=stamp,
+                                                 status=alarm[0], severity=alarm[1])
 
     async def set_message(self, text: str) -> None:
         """The outcome of each command (one update per command, as a record's MPST
         "Always": a client confirms its command by the Message update it caused)."""
-        await self.channel("Message").write(clip(text, "Message"), verify_value=False)
+        await post(self.channel("Message"), clip(text, "Message"), time.time())
 
     async def apply(self, out: Outcome) -> None:
         """Make an outcome durable, then visible. Caller holds the command lock.
@@ -237,9 +253,8 @@ class LockIOCBase(PVGroup):
             self._published.pop("State", None)
         self.lock_state = out.state
         self.undurable = None
-        self.event_lines.extend(out.events)
-        for event in out.events:
-            log.info("%s", event.line())
+        for line in self.event_lines.extend(out.events):
+            _log_soon("%s", line)
         await self.publish(self.clock())
         if out.message:
             await self.set_message(out.message)
@@ -290,7 +305,7 @@ class LockIOCBase(PVGroup):
     async def refuse(self, name: str, message: str) -> NoReturn:
         """Refuse a command put: the reason goes to Message and to the client."""
         await self.set_message(message)
-        log.info("refused %s from %s: %s", name, CALLER.get() or "unknown@unknown", message)
+        _log_soon("refused %s from %s: %s", name, CALLER.get() or "unknown@unknown", message)
         raise LockRefused(message)
 
     # ---- time -----------------------------------------------------------------
@@ -315,11 +330,13 @@ class LockIOCBase(PVGroup):
             async with self.lock():
                 out = self.undurable or self.machine.expire(self.lock_state, self.clock())
                 if out is not None:
-                    await self.settle(out)
-        await self.publish(now)
-        if now >= next_beat:
-            next_beat = max(next_beat + 1.0, now + 0.5)
-            await heartbeat.write(heartbeat.value + 1, verify_value=False)
+                    with self.burst():
+                        await self.settle(out)
+        with self.burst():
+            await self.publish(now)
+            if now >= next_beat:
+                next_beat = max(next_beat + 1.0, now + 0.5)
+                await post(heartbeat, heartbeat.value + 1, time.time())
         wait = min(TICK, max(0.0, next_beat - self.clock()))
         due = self.machine.deadline(self.lock_state)
         if due is not None:
@@ -327,6 +344,15 @@ class LockIOCBase(PVGroup):
             wait = min(wait, max(0.0, until - self.clock()))
         await asyncio.sleep(wait + 0.001)
         return next_beat
+
+
+def _log_soon(msg: str, *args) -> None:
+    """Log at INFO once the put being handled has been answered (formatting and writing
+    the log need not be on the put's path); at once outside the event loop."""
+    try:
+        asyncio.get_running_loop().call_soon(log.info, msg, *args)
+    except RuntimeError:
+        log.info(msg, *args)
 
 
 def clip(text: str, suffix: str) -> str:
@@ -346,14 +372,17 @@ class History:
         self.text = ""
         self.extend(events)
 
-    def extend(self, events) -> None:
+    def extend(self, events) -> list[str]:
+        """Add events; their lines."""
         if not events:
-            return
-        self.lines.extend(e.line() for e in events)
+            return []
+        new = [e.line() for e in events]
+        self.lines.extend(new)
         lines = list(self.lines)
         while lines and len("\n".join(lines).encode("utf-8")) > contract.HISTORY_MAX:
             lines.pop(0)  # keep the newest that fit the PV
         self.text = "\n".join(lines)
+        return new
 
 
 #: Per-subscription backlog caproto keeps (the last updates, for its own queue). The
@@ -454,6 +483,7 @@ def serve(ioc: LockIOCBase, *, interfaces: list[str] | None = None,
 
     async def main() -> None:
         ctx = LockServerContext(ioc.pvdb, interfaces, stall_timeout=stall_timeout)
+        ioc.burst = ctx.burst
         task = asyncio.current_task()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):

@@ -233,13 +233,20 @@ _CB_PUT = dbr.make_callback(_on_put, dbr.event_handler_args)
 
 def _put_text(pv: epics.PV, text: str, timeout: float) -> int | None:
     """CA put-with-callback of UTF-8 text; the CA status, or None if no reply in time."""
-    ca.use_initial_context()
     data = text.encode("utf-8") + b"\0"
     count = min(len(data), ca.element_count(pv.chid))
-    buf = (ctypes.c_ubyte * count)(*data[:count])
+    return put_callback(pv, dbr.CHAR, (ctypes.c_ubyte * count)(*data[:count]), timeout)
+
+
+def put_callback(pv: epics.PV, dbr_type: int, buf: ctypes.Array, timeout: float
+                 ) -> int | None:
+    """CA put-with-callback of ``buf`` (a ctypes array of ``dbr_type``) that waits for
+    the reply without polling; the CA status, or None if no reply in time."""
+    ca.use_initial_context()
+    count = len(buf)
     waiter = _PutWait()
     _INFLIGHT.add(waiter)
-    ret = ca.libca.ca_array_put_callback(dbr.CHAR, count, pv.chid, buf, _CB_PUT,
+    ret = ca.libca.ca_array_put_callback(dbr_type, count, pv.chid, buf, _CB_PUT,
                                          ctypes.py_object(waiter))
     if ret != ECA_NORMAL:
         _INFLIGHT.discard(waiter)
@@ -668,8 +675,25 @@ class BeamlineLock:
                                       f"state PVs did not show {what} within "
                                       f"{self.timeout:g} s; lock state unknown")
 
+    def _shown(self, mark: int, predicate: Callable[[], bool]) -> bool:
+        """Whether the monitors already show the outcome of our command, as the put
+        completed: no CA read needed.
+
+        The lock IOC sends the updates a command caused (state PVs, then Message) to the
+        commanding client before, and in the same write as, the put's reply; our monitors
+        share that circuit, and libca runs their callbacks in the order the messages came.
+        So once a Message update has come since ``mark``, every state PV shows our
+        command's outcome (or a later one), and ``predicate`` decides. Otherwise (an IOC
+        that replies first) the caller confirms through reads, as :meth:`_confirm` does.
+        """
+        with self._cond:
+            return self._msg_seq > mark and predicate()
+
     def _confirm_hold(self, mark: int, session: str, started: float, lease: float) -> _Grant:
         """After a granted Acquire/Renew: wait until the monitors show it; our grant."""
+        if self._shown(mark, lambda: self._state == HELD and self._owner == self.identity
+                       and self._session == session):
+            return _Grant(session, self._token, lease, started + lease)
         token = int(self._read("Token"))
         owner, got_session = self._read("Owner"), self._read("Session")
         if owner != self.identity or got_session != session:
@@ -785,17 +809,22 @@ class BeamlineLock:
                 raise LockLost(f"this process had already lost the lock"
                                f"{': ' + lost if lost else ''} ({exc})") from None
             raise
-        token = int(self._read("Token"))
-        self._confirm(mark, lambda: not (self._state == HELD and self._owner == self.identity
-                                         and self._session == session
-                                         and self._token == token), "the release")
+        if not self._shown(mark, lambda: not (self._state == HELD and
+                                              self._owner == self.identity and
+                                              self._session == session)):
+            token = int(self._read("Token"))
+            self._confirm(mark, lambda: not (self._state == HELD
+                                             and self._owner == self.identity
+                                             and self._session == session
+                                             and self._token == token), "the release")
         return self.status("released")
 
     def _operator(self, suffix: str, reason: str, state: str) -> LockStatus:
         mark = self._send(suffix, reason)
-        token = int(self._read("Token"))
-        self._confirm(mark, lambda: self._state == state and self._token == token,
-                      f"state {state}")
+        if not self._shown(mark, lambda: self._state == state):
+            token = int(self._read("Token"))
+            self._confirm(mark, lambda: self._state == state and self._token == token,
+                          f"state {state}")
         return self.status(suffix)
 
     def force_release(self, reason: str) -> LockStatus:
