@@ -406,7 +406,11 @@ def test_seat_down_lock_and_device_panels_grey_and_writes_disabled(stack, tabs):
         alice.label("Target").first.fill("5")
         for gated in ("Move Motor m1", "Open Photon shutter"):
             expect(alice.button(gated)).to_be_disabled()
-        expect(alice("#m1-readback")).to_have_text("disconnected")
+        # A value that is not there has no units ("disconnected", not "disconnected mm").
+        expect(alice("#m1-readback").locator("xpath=..")).to_have_text(
+            "disconnected (setpoint disconnected)")
+        expect(alice("#det_acquire_time")).to_have_text("disconnected")
+        expect(alice("#beam_energy")).to_have_text("disconnected")
         # The queue does not need the seat.
         expect(alice("#queue-problem")).to_have_count(0)
         alice.shot("seat-down")
