@@ -285,26 +285,70 @@ class Tab:
         self.context.close()
 
 
+def start_count_paused(tab: Tab, api, **params: str) -> None:
+    """From ``tab``'s plan form, queue a count with ``params`` and start the queue; pause
+    the plan as soon as it runs (through httpserver, as ``api``'s user: a
+    bluesky-queueserver-api ``REManagerAPI``). The queue then holds the lock for as long
+    as the caller needs, however slow the machine; ``api.re_resume()`` lets it finish."""
+    from playwright.sync_api import expect
+    from epics_env import wait_until
+    tab.add_plan("count", **params)
+    expect(tab("#plan-result")).to_have_text(re.compile(r"^Added count\("))
+    tab.button("Start queue").click()
+    wait_until(lambda: api.status(reload=True)["re_state"] == "running", 30, 0.02,
+               what="the count to start")
+    api.re_pause("immediate")
+    expect(tab("#queue-status")).to_contain_text("Manager paused")
+
+
 def shoot(out: Path) -> list[Path]:
-    """The README's screenshots of what a static server can show: the login page at both
-    screen sizes. (The full page needs the remote stack: phase 2.)"""
-    from playwright.sync_api import sync_playwright
+    """The README's screenshots, on the real stack (``remote_env.RemoteStack``): the login
+    page and the whole page (the queue holding the lock; alice holding it as bob sees it;
+    the operator's Force release), at a laptop's and a 1080p screen's size."""
+    from playwright.sync_api import expect, sync_playwright
+    from epics_env import public_dir
+    from remote_env import RemoteStack
     out.mkdir(parents=True, exist_ok=True)
-    shots = []
-    server = StaticServer(built_page()).start()
-    try:
-        with sync_playwright() as p:
-            browser = launch(p)
-            for name, viewport in (("login-laptop", LAPTOP), ("login-1080p", FULL_HD)):
-                page = browser.new_page(viewport=viewport)
-                page.goto(server.url)
-                page.get_by_label("User name").wait_for()
-                shots.append(out / f"{name}.png")
-                page.screenshot(path=str(shots[-1]))
-                page.close()
-            browser.close()
-    finally:
-        server.stop()
+    shots: list[Path] = []
+    work = public_dir() / "web-screens"
+    work.mkdir()
+    with RemoteStack(work, web_users=("alice", "bob", "operator")) as stack, \
+            sync_playwright() as p:
+        expect.set_options(timeout=60_000)
+        browser = launch(p, pins=[spki_pin(stack.ca_file.with_name("server.crt"))])
+        for size, viewport in (("laptop", LAPTOP), ("1080p", FULL_HD)):
+            tab = Tab(browser, stack.url, viewport, out, "login")
+            tab.open()
+            shots.append(tab.shot(size))
+            tab.close()
+        alice = Tab(browser, stack.url, FULL_HD, out, "page")
+        bob = Tab(browser, stack.url, LAPTOP, out, "page")
+        operator = Tab(browser, stack.url, LAPTOP, out, "operator")
+        for tab, user in ((alice, "alice"), (bob, "bob"), (operator, "operator")):
+            tab.log_in(user, stack.passwords[user])
+        api = stack.api("alice")
+        start_count_paused(alice, api, detectors='["det"]', num="5", delay="1")
+        expect(bob("#lock-queue")).to_contain_text("running count")
+        shots.append(alice.shot("queue-1080p"))
+        api.re_resume()
+        expect(alice("#queue-history")).to_contain_text("completed")
+        expect(alice("#lock-state")).to_have_text("Free")
+        api.close()
+        alice.take("aligning m1", 600)
+        expect(alice("#devices-gate")).to_have_text("You may move devices.")
+        alice.label("Target").first.fill("2")
+        alice.button("Move Motor m1").click()
+        expect(alice("#m1-readback")).to_have_text("2.000")
+        bob.take("my turn")
+        expect(bob("#lock-outcome")).to_contain_text("Take refused")
+        shots.append(bob.shot("held-laptop"))
+        operator.button("Force release").click()
+        operator.label("Reason").fill("beam study")
+        shots.append(operator.shot("force-release-laptop"))
+        operator.page.keyboard.press("Escape")
+        for tab in (alice, bob, operator):
+            tab.close()
+        browser.close()
     return shots
 
 
