@@ -269,6 +269,7 @@ def test_queue_then_lock_two_users_and_an_operator(stack, tabs):
     alice.take("second shift")
     expect(alice("#lock-holder")).to_contain_text("Held by you")
     expect(bob("#lock-holder")).to_contain_text("held by alice (web): second shift")
+    expect(operator.button("Force release")).to_be_enabled()     # its page sees the grant
     operator.button("Force release").focus()
     operator.page.keyboard.press("Enter")
     expect(operator.label("Reason")).to_be_focused()
@@ -288,6 +289,34 @@ def test_queue_then_lock_two_users_and_an_operator(stack, tabs):
         "Your lock ended: see the last lock message above.")
     alice.shot("force-released")
     bob.shot("force-released")
+
+
+def test_operator_disables_and_enables_with_reasons_stop_and_close_stay_enabled(stack, tabs):
+    operator = tabs("operator")
+    alice = tabs("alice")
+    operator.log_in("operator", stack.passwords["operator"])
+    alice.log_in("alice", stack.passwords["alice"])
+    operator.button("Disable the lock").click()
+    # A reason is required, and must be words (ophyd-websocket sends digits as a number).
+    dialog = operator.page.locator("dialog")
+    dialog.get_by_role("button", name="Disable the lock").click()
+    expect(dialog.get_by_role("alert")).to_have_text("a reason is required")
+    operator.label("Reason").fill("vacuum work in the hutch")
+    dialog.get_by_role("button", name="Disable the lock").click()
+    why = f"by {identity('operator')}: vacuum work in the hutch"
+    for tab in (operator, alice):
+        expect(tab("#lock-state")).to_have_text("Disabled")
+        expect(tab("#lock-disabled")).to_have_text(f"Disabled: {why}")
+    expect(alice("#devices-gate")).to_have_text(f"Moves disabled: lock disabled: {why}")
+    expect(alice("#lock-take")).to_be_enabled()     # a Take is answered with the reason
+    expect_writes_disabled(alice)
+    alice.shot("disabled")
+    operator.button("Enable the lock").click()
+    operator.label("Reason (optional)").fill("vacuum done")
+    dialog.get_by_role("button", name="Enable the lock").click()
+    for tab in (operator, alice):
+        expect(tab("#lock-state")).to_have_text("Free")
+        expect(tab("#lock-message")).to_have_text(f"enabled by {identity('operator')}: vacuum done")
 
 
 # ---- bad input ----------------------------------------------------------------------------
@@ -489,8 +518,11 @@ def test_the_page_by_keyboard_with_labelled_controls_at_laptop_and_1080p(stack, 
     assert walked.index("Log out") < walked.index("take-note") < walked.index("m1-target") \
         < walked.index("plan-name"), walked
     # An operator command by keyboard: its dialog takes focus; Escape cancels it.
-    while op.page.evaluate(FOCUSED) != "Disable the lock":
+    for _ in walked:
+        if op.page.evaluate(FOCUSED) == "Disable the lock":
+            break
         op.page.keyboard.press("Tab")
+    expect(op.button("Disable the lock")).to_be_focused()
     op.page.keyboard.press("Enter")
     expect(op.label("Reason")).to_be_focused()
     op.shot("dialog")
