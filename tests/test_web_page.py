@@ -1,11 +1,11 @@
 """The web page (web/), built from a clean checkout, in a real headless browser.
 
-Phase 1 of issue 16: the page's own unit tests (Vitest: the lock keep-alive under
-adversarial orderings, the httpserver client, the plan form, the console stream) and
-a browser smoke test against a static server of the test's own: the login page renders,
-is labelled and usable by keyboard at a laptop's and a 1080p screen's size, takes its
-settings from ``config.json``, and says so when the queue server does not answer.
-The full scenarios (real nginx, httpserver, ophyd-websocket, lock IOC) are phase 2.
+The page's own unit tests (Vitest: the lock keep-alive under adversarial orderings, the
+httpserver client, the plan form, the console stream) and a browser smoke test against a
+static server of the test's own: the login page renders, is labelled and usable by
+keyboard at a laptop's and a 1080p screen's size, takes its settings from
+``config.json``, and says so when the queue server does not answer. The page on the real
+stack (nginx, httpserver, ophyd-websocket, lock IOC) is ``test_web_stack.py``.
 """
 from __future__ import annotations
 

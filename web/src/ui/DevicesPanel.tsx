@@ -20,6 +20,12 @@ function shown(store: PvStore, signal: string, digits = 3): string {
   return Number.isInteger(v) ? String(v) : v.toFixed(digits);
 }
 
+/** Units only after a value: a signal without one reads "disconnected", not "disconnected mm". */
+function unitsOf(store: PvStore, signal: string, units: string): string {
+  const rec = record(store, signal);
+  return rec.hasValue && rec.connected && units ? ` ${units}` : "";
+}
+
 /** A motor position: always 3 decimals (a readback of 0 reads 0.000 mm). */
 function fixed(store: PvStore, signal: string): string {
   const rec = record(store, signal);
@@ -58,7 +64,8 @@ function Motor({ cfg, device, devices, lock, gate, online }: RowProps) {
   return (
     <form className="device" onSubmit={move} aria-labelledby={`${name}-label`}>
       <h3 id={`${name}-label`}>{device.label}</h3>
-      <p className="reading"><span id={`${name}-readback`}>{fixed(devices.store, `${name}_readback`)}</span> {units}
+      <p className="reading"><span id={`${name}-readback`}>{fixed(devices.store, `${name}_readback`)}</span>
+        {unitsOf(devices.store, `${name}_readback`, units)}
         {moving && <span className="moving" id={`${name}-moving`}> moving</span>}
         <span className="muted"> (setpoint {fixed(devices.store, `${name}_setpoint`)})</span></p>
       <div className="row">
@@ -105,7 +112,7 @@ function Readings({ device, devices, signals }: RowProps & { signals: [string, s
         {signals.map(([signal, label]) => (
           <div key={signal} className="fact">
             <dt>{label}</dt>
-            <dd id={`${signal}`}>{shown(devices.store, signal, 2)} {devices.units[signal] ?? ""}</dd>
+            <dd id={`${signal}`}>{shown(devices.store, signal, 2)}{unitsOf(devices.store, signal, devices.units[signal] ?? "")}</dd>
           </div>
         ))}
       </dl>
