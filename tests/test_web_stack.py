@@ -229,6 +229,14 @@ def test_queue_then_lock_two_users_and_an_operator(stack, tabs):
                                {"action": "set", "device": "m1", "value": 7, "timeout": 1})
     assert f"m1: write refused: lock is held by {identity('alice')} (session web:alice, " \
            "note 'aligning m1')" in gated["error"], gated
+    # Past the page and the seat: the device IOC admits only the holder (issue 18), so
+    # bob, in alice's own group, is refused there too, and m1 stays where alice put it.
+    direct = bob.socket_request("pv-socket", {"action": "subscribe", "pvs": [stack.BEAMLINE + "m1"]},
+                                {"action": "set", "pv": stack.BEAMLINE + "m1", "value": 7,
+                                 "timeout": 5})
+    assert direct == {"error": f"Write access is not enabled for PV {stack.BEAMLINE}m1. "
+                               "Cannot set value."}, direct
+    assert float(stack.net.caget(stack.BEAMLINE + "m1")) == pytest.approx(2.0, abs=1e-3)
     bob.shot("refused")
 
     # Stop and Close are never refused by the lock: bob stops alice's move and closes
