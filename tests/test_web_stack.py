@@ -299,6 +299,49 @@ def test_queue_then_lock_two_users_and_an_operator(stack, tabs):
     bob.shot("force-released")
 
 
+def test_bob_asks_alice_hands_over_with_one_click_and_the_device_ioc_follows(stack, tabs):
+    """Issue 18 on the page: bob asks for the lock alice holds and sees his place; alice
+    sees him waiting and hands over with one click; bob may move, alice may not, at the
+    page and at the device IOC (exclusive to the holder)."""
+    alice = tabs("alice")
+    bob = tabs("bob")
+    alice.log_in("alice", stack.passwords["alice"])
+    bob.log_in("bob", stack.passwords["bob"])
+    alice.take("scanning the edge", LEASE)
+    expect(alice("#lock-holder")).to_contain_text("Held by you")
+    token = int(ioc(stack, "Token"))
+
+    bob.label("Note").fill("my turn after alice")
+    bob.button("Request").click()
+    expect(bob("#lock-line-help")).to_contain_text("You wait in line: place 1 of 1")
+    expect(alice("#lock-waiters")).to_contain_text(
+        f"{identity('bob')} (web:bob), waiting")
+    expect(alice("#lock-waiters")).to_contain_text("my turn after alice")
+    assert ioc(stack, "WaiterCount") == "1"
+    alice.shot("someone-waits")
+
+    alice.button(f"Hand over to {identity('bob')}").click()
+    expect(bob("#lock-holder")).to_contain_text("Held by you")
+    expect(bob("#devices-gate")).to_have_text("You may move devices.")
+    expect(alice("#lock-owner")).to_have_text(identity("bob"))
+    expect(alice("#lock-waiters")).to_have_count(0)
+    assert (ioc(stack, "Session"), int(ioc(stack, "Token"))) == ("web:bob", token + 1)
+
+    bob.label("Target").first.fill("1.5")
+    bob.button("Move Motor m1").click()
+    expect(bob("#m1-readback")).to_have_text("1.500")
+    expect_writes_disabled(alice)
+    direct = alice.socket_request("pv-socket", {"action": "subscribe", "pvs": [stack.BEAMLINE + "m1"]},
+                                  {"action": "set", "pv": stack.BEAMLINE + "m1", "value": 7,
+                                   "timeout": 5})
+    assert direct == {"error": f"Write access is not enabled for PV {stack.BEAMLINE}m1. "
+                               "Cannot set value."}, direct
+    assert float(stack.net.caget(stack.BEAMLINE + "m1")) == pytest.approx(1.5, abs=1e-3)
+    bob.shot("handed-over")
+    bob.button("Release").click()
+    expect(bob("#lock-state")).to_have_text("Free")
+
+
 def test_operator_disables_and_enables_with_reasons_stop_and_close_stay_enabled(stack, tabs):
     operator = tabs("operator")
     alice = tabs("alice")
