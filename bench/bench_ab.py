@@ -9,7 +9,12 @@ times a plain put with callback to that IOC's $(P)Ping, an acquire and a release
 spread over rounds): each side's acquire and release as ratios to its own plain put, and
 B's medians as ratios to A's.
 
-Run: ``.venv/bin/python bench/bench_ab.py --ref main [--rounds 5] [--cycles 200]``.
+``--fanout N``: instead, N ``camonitor`` processes each watch both IOCs' $(P)State (one
+circuit to each) and the sides' state changes (an acquire, a release) alternate; the time
+from the put until each client has the change, per side (median, p99) and B/A.
+
+Run: ``.venv/bin/python bench/bench_ab.py --ref main [--rounds 5] [--cycles 200]
+[--fanout 200]``.
 """
 from __future__ import annotations
 
@@ -29,6 +34,8 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(REPO / "tests"))
 sys.path.insert(0, str(HERE))
+from _camonitors import Camonitors  # noqa: E402
+from _stats import pct  # noqa: E402
 from bench_lock import CONFIG  # noqa: E402
 from epics_env import HOST, CANetwork, LockIOC  # noqa: E402
 
@@ -106,11 +113,64 @@ def spread(values: list[float]) -> str:
     return f"{statistics.median(values):5.2f} ({min(values):.2f}-{max(values):.2f})"
 
 
+def fanout(sides: list[Side], clients: int, rounds: int, cycles: int) -> int:
+    """Each round: ``cycles`` state changes per side, alternating, seen by every client."""
+    import time
+
+    import epics
+    from epics import ca
+    net = CANetwork()
+    for side in sides:
+        net.add(side.ioc.port)
+    os.environ.update(net.client_env())
+    mons = Camonitors(clients, [s.ioc.pv("State") for s in sides],
+                      dict(net.client_env(), EPICS_CA_CONN_TMO="30"))
+    per_round = []
+    try:
+        mons.wait_connected()
+        pvs = {s.name: (epics.PV(s.ioc.pv("Acquire")), epics.PV(s.ioc.pv("Release")))
+               for s in sides}
+        for pair in pvs.values():
+            for pv in pair:
+                pv.wait_for_connection(10)
+        for r in range(rounds):
+            changes: dict[str, list] = {s.name: [] for s in sides}
+            for i in range(cycles):
+                order = sides if i % 2 == 0 else sides[::-1]
+                for step, shown in ((0, "1"), (1, "0")):   # acquire, then release
+                    for side in order:
+                        changes[side.name].append((side.ioc.pv("State"), shown, time.time()))
+                        pvs[side.name][step].put("fanout", wait=True, timeout=10)
+                        time.sleep(0.3)   # every update lands before the next change
+            per_round.append({n: [d for got, _ in mons.delays(c) for d in got]
+                              for n, c in changes.items()})
+            for lines in mons.lines:
+                lines.clear()
+        ca.finalize_libca()
+    finally:
+        mons.stop()
+    print(f"A/B fan-out on {HOST} ({os.cpu_count()} CPUs, load average "
+          f"{os.getloadavg()[0]:.2f}); {sides[0].label}, {sides[1].label}; {clients} "
+          f"camonitors watching both; {rounds} rounds of {2 * cycles} changes per side")
+    for r, res in enumerate(per_round):
+        print(f"round {r + 1}: " + "   ".join(
+            f"{n}: each client median {statistics.median(v) * 1e3:6.1f} ms "
+            f"p99 {pct(v, 99) * 1e3:6.1f} ms" for n, v in res.items()))
+    print("over rounds, median (min-max):")
+    for q, label in ((50, "median"), (99, "p99")):
+        print(f"  B/A each client {label:6s} "
+              f"{spread([pct(res['B'], q) / pct(res['A'], q) for res in per_round])}")
+    return 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--ref", default="main", help="git revision of side A")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--cycles", type=int, default=200, help="cycles per side per round")
+    parser.add_argument("--fanout", type=int, default=0, metavar="N",
+                        help="the fan-out to N camonitors instead (--cycles acquire+release "
+                             "per side per round)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="bench-ab-") as tmp:
         work = Path(tmp)
@@ -121,6 +181,8 @@ def main() -> int:
         try:
             for side in sides:
                 side.start()
+            if args.fanout:
+                return fanout(sides, args.fanout, args.rounds, args.cycles)
             for k in range(WARMUP):
                 for side in sides:
                     side.cycle(k)
