@@ -36,6 +36,7 @@ import struct
 import threading
 
 import caproto as ca
+from caproto import ChannelType
 from caproto.asyncio.server import Context as _AsyncioContext
 from caproto.asyncio.server import VirtualCircuit as _AsyncioCircuit
 
@@ -300,7 +301,41 @@ async def post(chan, value, timestamp: float) -> None:
     data = chan._data
     data["value"] = chan.preprocess_value(value)
     data["timestamp"] = ca.TimeStamp.from_unix_timestamp(timestamp)
-    await chan.publish(VALUE_CHANGE)
+    await publish(chan)
+
+
+async def publish(chan) -> None:
+    """Send a PV's current value to its subscribers, as caproto's ``publish`` would.
+
+    The lock's own PVs (enum, long, double, UTF-8 text) in their plain and TIME types
+    (what libca clients, pyepics, camonitor and ophyd ask for) are encoded here, once
+    per type, straight from the value; caproto's conversion (``ChannelData._read``)
+    and message classes were most of an update's cost. Anything else (other types,
+    channel filters, a client that asked for another element count or switched its
+    events off) takes caproto's path, the same bytes at caproto's cost.
+    """
+    chan._content.clear()  # caproto's per-value cache of conversions (see its publish)
+    plan = []
+    for queue, syncs in chan._queues.items():
+        for sync, by_type in syncs.items():
+            for type_name, specs in by_type.items():
+                if not specs:
+                    continue
+                data_type = ChannelType.__members__.get(type_name)
+                if sync is not None or type(queue) is not _Fanout or data_type is None:
+                    await chan.publish(VALUE_CHANGE)
+                    return
+                plan.append((queue.context, data_type, tuple(specs)))
+    if not plan:
+        return
+    wire = _wire_value(chan)
+    encoded = [None if wire is None else _encode_update(chan, data_type, *wire)
+               for _, data_type, _ in plan]
+    if any(data is None for data in encoded):
+        await chan.publish(VALUE_CHANGE)
+        return
+    for (context, data_type, specs), data in zip(plan, encoded):
+        await context.fan_out(chan, data_type, specs, data, wire[1])
 
 
 class Senders:
@@ -485,6 +520,31 @@ class LockServerContext(_AsyncioContext):
                               circuit.who())
 
 
+    async def fan_out(self, chan, data_type, specs, data: bytes, count: int) -> None:
+        """Hand one update encoded by :func:`publish` (subscription id 0, ``count``
+        elements) to each subscriber of ``specs``; those it does not fit take caproto's
+        path."""
+        subscriptions = self.subscriptions
+        read = None
+        for spec in specs:
+            for target in tuple(subscriptions.get(spec, ())):
+                circuit = target.circuit
+                if not circuit.connected:
+                    continue
+                try:
+                    if target.data_count in (0, count) and circuit.events_on.is_set() \
+                            and _unfiltered(target.channel_filter):
+                        self.collect(circuit, Update(target.subscriptionid, data))
+                        continue
+                    if read is None:
+                        read = await chan._read(data_type)
+                    await self._subscription_queue_send(spec, target, metadata=read[0],
+                                                        values=read[1], flags=VALUE_CHANGE)
+                except Exception:
+                    log.exception("monitor update of %s for %s failed",
+                                  getattr(chan, "pvname", chan), circuit.who())
+
+
 class Update:
     """One encoded monitor update (an EventAddResponse) for one subscription."""
 
@@ -514,3 +574,52 @@ def _encode(data_type, count: int, metadata, values) -> bytes:
         values = values[:count]
     command = ca.EventAddResponse(values, data_type, count, 1, 0, metadata=metadata)
     return b"".join([bytes(command.header), *map(bytes, command.buffers)])
+
+
+_HEADER = struct.Struct(">HHHHII")      # a CA message header (EventAddResponse: 1)
+_TIME_META = struct.Struct(">hh8s")     # status, severity, time stamp of a DBR_TIME_*
+#: Per native type: the bytes between a DBR_TIME_* struct's stamp and its value.
+_TIME_PAD = {ChannelType.ENUM: 2, ChannelType.CHAR: 3, ChannelType.LONG: 0,
+             ChannelType.DOUBLE: 4}
+_TIME_OF = {native: ChannelType(native + ChannelType.TIME_STRING) for native in _TIME_PAD}
+
+
+def _wire_value(chan) -> tuple[bytes, int] | None:
+    """A lock PV's value as CA elements (big-endian) and their count; None for values
+    only caproto converts."""
+    value, native = chan._data["value"], chan.data_type
+    if native == ChannelType.ENUM:
+        strings = chan._data.get("enum_strings") or ()
+        if isinstance(value, str) and value in strings:
+            return struct.pack(">H", list(strings).index(value)), 1
+    elif native == ChannelType.LONG:
+        if isinstance(value, int):
+            return struct.pack(">i", value), 1
+    elif native == ChannelType.DOUBLE:
+        if isinstance(value, (float, int)):
+            return struct.pack(">d", value), 1
+    elif native == ChannelType.CHAR:
+        if isinstance(value, str) and chan.string_encoding:
+            data = value.encode(chan.string_encoding)
+            return data, len(data)
+    return None
+
+
+def _encode_update(chan, data_type, elements: bytes, count: int) -> bytes | None:
+    """An EventAddResponse of ``chan`` as ``data_type`` (its native or TIME type), byte
+    for byte as caproto makes it (subscription id 0); None for other types."""
+    native = chan.data_type
+    if data_type == native:
+        payload = elements
+    elif data_type == _TIME_OF.get(native):
+        alarm = chan.alarm
+        payload = (_TIME_META.pack(alarm.status, alarm.severity,
+                                   bytes(chan._data["timestamp"]))
+                   + bytes(_TIME_PAD[native]) + elements)
+    else:
+        return None
+    size = len(payload)
+    padded = (size + 7) & ~7
+    if padded >= 0xFFFF or count >= 0xFFFF:
+        return None  # an extended header: caproto's
+    return _HEADER.pack(1, padded, data_type, count, 1, 0) + payload + bytes(padded - size)

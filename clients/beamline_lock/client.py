@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import ctypes
 import dataclasses
+import functools
 import json
 import logging
 import math
@@ -42,7 +43,6 @@ STALE_AFTER = 3.0
 MONITORED = ("State", "Owner", "Session", "Note", "Token", "Expiry", "Remaining",
              "Message", "Heartbeat", "DisabledReason", "AcquiredAt", "WaiterCount",
              "Waiters", "YieldTo")
-TEXT = frozenset(s for s in MONITORED if contract.BY_SUFFIX[s].kind == "text")
 COMMANDS = tuple(c for c in contract.COMMANDS if contract.BY_SUFFIX[c].kind == "text")
 ECA_NORMAL = dbr.ECA_NORMAL
 
@@ -257,18 +257,78 @@ def put_callback(pv: epics.PV, dbr_type: int, buf: ctypes.Array, timeout: float
     return waiter.status
 
 
-class _MonitoredPV(epics.PV):
-    """A pyepics PV whose monitor subscription request is sent at once.
+class _Monitor:
+    """One monitored lock PV: a libca subscription whose updates are decoded here.
 
-    pyepics subscribes from libca's connection callback, and libca may keep that
-    request in its send queue until the process next flushes: a client that then only
-    listens (``lockctl watch``) would wait forever for that PV's first value.
+    pyepics' ``PV`` turns each update into a dictionary of metadata, a numpy array and a
+    round of its own callbacks (50-100 us per update, and a command brings about eight,
+    all delivered before the command's put completes); the client needs only the value.
+    So one ctypes call reads the value from the DBR libca hands over. The channel is
+    pyepics' (shared with any other user of the name in this process), as is its
+    connection callback; libca reinstalls the subscription itself after a reconnect.
     """
 
-    def _check_auto_monitor(self):
-        result = super()._check_auto_monitor()
+    #: (DBR type, decoder of the value in a DBR at an address with its element count).
+    #: The TIME types: a plain DBR_CHAR update of an empty text has no payload, which
+    #: libca takes for the end of the subscription; and other pyepics clients (ophyd)
+    #: ask for these too, so the IOC encodes an update once for all of them.
+    KINDS: dict[str, tuple[int, Callable[[int, int], Any]]] = {
+        "enum": (dbr.TIME_ENUM, lambda addr, n: ctypes.c_uint16.from_address(
+            addr + dbr.time_enum.value.offset).value),
+        "long": (dbr.TIME_LONG, lambda addr, n: ctypes.c_int32.from_address(
+            addr + dbr.time_long.value.offset).value),
+        "double": (dbr.TIME_DOUBLE, lambda addr, n: ctypes.c_double.from_address(
+            addr + dbr.time_double.value.offset).value),
+        "text": (dbr.TIME_CHAR, lambda addr, n: ctypes.string_at(
+            addr + dbr.time_char.value.offset, n).split(b"\0", 1)[0].decode(
+            "utf-8", "replace")),
+    }
+
+    def __init__(self, pvname: str, kind: str, on_value: Callable[[Any], None],
+                 on_connection: Callable[..., None]):
+        self.pvname = pvname
+        self.connected = False
+        self._on_connection = on_connection
+        dbr_type, decode = self.KINDS[kind]
+        self._usr = ctypes.py_object((decode, on_value))  # kept while subscribed
+        self._evid = ctypes.c_void_p()
+        self.chid = ca.create_channel(pvname, connect=False, auto_cb=False,
+                                      callback=self._on_conn)
+        # Count 0: the server's current length (a text PV sends only its text).
+        ret = ca.libca.ca_create_subscription(dbr_type, 0, self.chid, _MONITOR_MASK,
+                                              _CB_MONITOR, self._usr,
+                                              ctypes.byref(self._evid))
+        if ret != ECA_NORMAL:
+            raise LockUnavailable(f"cannot monitor {pvname}: {ca.message(ret)}")
         ca.flush_io()
-        return result
+
+    def _on_conn(self, pvname: str = "", conn: bool = False, **kwargs: Any) -> None:
+        self.connected = bool(conn)
+        if conn:
+            # libca may keep the subscription request queued until this process next
+            # flushes: a client that only listens (lockctl watch) would never get a value.
+            ca.flush_io()
+        self._on_connection(pvname=pvname, conn=conn)
+
+    def close(self) -> None:
+        ca.use_initial_context()
+        ca.clear_subscription(self._evid)
+        entry = ca._cache[ca.current_context()].get(self.pvname)
+        if entry is not None and self._on_conn in entry.callbacks:
+            entry.callbacks.remove(self._on_conn)
+        self.connected = False
+
+
+def _on_monitor(args) -> None:
+    """libca's monitor callback: decode the value, hand it to the client."""
+    if args.status != ECA_NORMAL or not args.raw_dbr:
+        return
+    decode, on_value = args.usr
+    on_value(decode(args.raw_dbr, args.count))
+
+
+_CB_MONITOR = dbr.make_callback(_on_monitor, dbr.event_handler_args)
+_MONITOR_MASK = dbr.DBE_VALUE | dbr.DBE_ALARM
 
 
 # ---- the client --------------------------------------------------------------------------
@@ -316,11 +376,14 @@ class BeamlineLock:
                                             name=f"beamline-lock-callbacks {prefix}")
         self._dispatcher.start()
         self._aux: dict[str, epics.PV] = {}  # command PVs and PVs read on demand
-        self._pvs: dict[str, epics.PV] = {}
+        self._pvs: dict[str, _Monitor] = {}
+        if ca.libca is None:
+            ca.initialize_libca()
+        ca.use_initial_context()
         for suffix in MONITORED:
-            self._pvs[suffix] = _MonitoredPV(prefix + suffix, form="time", auto_monitor=True,
-                                         callback=self._on_value,
-                                         connection_callback=self._on_conn)
+            self._pvs[suffix] = _Monitor(
+                prefix + suffix, contract.BY_SUFFIX[suffix].kind,
+                functools.partial(self._on_value, suffix), self._on_conn)
         self.wait_connected(timeout if connect_timeout is None else connect_timeout)
 
     # ---- monitors ----------------------------------------------------------------
@@ -336,17 +399,11 @@ class BeamlineLock:
             self._cond.notify_all()
         self._emit("connection")
 
-    def _on_value(self, pvname: str = "", value: Any = None, **_: Any) -> None:
-        suffix = self._suffix(pvname)
-        if suffix in TEXT:
-            value = _text(value)
-        elif suffix == "State":
-            value = contract.STATES[int(value)] if 0 <= int(value) < len(contract.STATES) \
-                else f"state {int(value)}"
-        elif suffix in ("Token", "Heartbeat", "WaiterCount"):
-            value = int(value)
-        else:
-            value = float(value)
+    def _on_value(self, suffix: str, value: Any) -> None:
+        """A monitor update (from libca's thread), its value decoded by its kind."""
+        if suffix == "State":
+            value = contract.STATES[value] if 0 <= value < len(contract.STATES) \
+                else f"state {value}"
         with self._cond:
             self._values[suffix] = value
             self._fresh.add(suffix)
@@ -603,7 +660,7 @@ class BeamlineLock:
     # ---- commands ----------------------------------------------------------------------
     def _aux_pv(self, suffix: str) -> epics.PV:
         """A PV of the lock that is not monitored (commands, History, LeaseDefault)."""
-        pv = self._pvs.get(suffix) or self._aux.get(suffix)
+        pv = self._aux.get(suffix)
         if pv is None:
             pv = self._aux[suffix] = epics.PV(self.prefix + suffix, form="native",
                                               auto_monitor=False)
@@ -1020,7 +1077,9 @@ class BeamlineLock:
         self._closed = True
         self._stop_keepalive()
         self._events.put(None)
-        for pv in list(self._pvs.values()) + list(self._aux.values()):
+        for monitor in self._pvs.values():
+            monitor.close()
+        for pv in self._aux.values():
             pv.clear_callbacks()
             pv.disconnect()
 
