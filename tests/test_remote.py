@@ -161,6 +161,20 @@ def test_staff_queue_a_plan_through_https_it_runs_under_the_lock_and_nobody_else
     assert net.caget(P + "Owner") == QUEUE          # exactly as with the ZMQ API
     assert net.caget(P + "Note") == "bluesky queue: count"
 
+    # The observer reads the queue but may not change it (httpserver's own answer). The
+    # RE Manager learns its worker's RE state by polling it every 0.5 s (and httpserver
+    # keeps a status for 0.4 s): right after the plan took the lock the status still says
+    # 'idle' for about 0.45 s, so wait for it as any client of the queue server must.
+    observer = stack.api("observer")
+    observer.wait_for_condition(lambda status: status["re_state"] == "running", timeout=10)
+    assert observer.queue_get()["running_item"]["name"] == "count"
+    with pytest.raises(observer.HTTPClientError) as denied:
+        observer.item_add(BPlan("count", ["det"]))
+    assert str(denied.value).startswith("401: Not enough permissions. Requires scopes "
+                                        "['write:queue:edit']"), denied.value
+    with pytest.raises(observer.HTTPClientError, match="Not enough permissions"):
+        observer.re_pause("immediate")
+
     # bob's web session cannot take the lock ...
     page = sockets("bob", "pv-socket")
     subscribe_pvs(page, lock_pvs(P) + [B + "m1"])
@@ -180,17 +194,6 @@ def test_staff_queue_a_plan_through_https_it_runs_under_the_lock_and_nobody_else
     assert answer["error"] == f"Write access is not enabled for PV {B}m1. Cannot set value."
     r = net.caput(B + "Shutter:Open", "1", user="bob", text=False)      # as from his shell
     assert r.returncode != 0 and "Write access denied" in r.stderr, r.stderr
-
-    # The observer reads the queue but may not change it (httpserver's own answer).
-    observer = stack.api("observer")
-    assert observer.status()["re_state"] == "running"
-    assert observer.queue_get()["running_item"]["name"] == "count"
-    with pytest.raises(observer.HTTPClientError) as denied:
-        observer.item_add(BPlan("count", ["det"]))
-    assert str(denied.value).startswith("401: Not enough permissions. Requires scopes "
-                                        "['write:queue:edit']"), denied.value
-    with pytest.raises(observer.HTTPClientError, match="Not enough permissions"):
-        observer.re_pause("immediate")
 
     # All of that happened while the plan ran.
     assert alice.status()["re_state"] == "running"
