@@ -325,15 +325,16 @@ def run(args: argparse.Namespace) -> int:
         elif args.command == "history":
             events = lock.history()
             if args.token is not None:
+                kept = len(events)
                 events = [e for e in events if token_of(e) == args.token]
                 if not events:
                     print(f"lockctl: no event of token {args.token} in the last "
-                          f"{len(lock.history())} events the lock IOC keeps in History",
+                          f"{kept} events the lock IOC keeps in History",
                           file=sys.stderr)
                     return REFUSED
             print("\n".join(events))
         elif args.command == "waiters":
-            line = lock.status().waiters
+            line = lock.waiters()
             if args.json:
                 print(json.dumps([w.__dict__ for w in line]))
             elif not line:

@@ -483,7 +483,7 @@ class LockGuard:
         ``linger``, or ``waiting_linger`` when someone waits for the lock."""
         self._cancel_linger()
         if delay is None:
-            delay = self.waiting_linger if self.lock.status().waiters else self.linger
+            delay = self.waiting_linger if self.lock.waiters() else self.linger
         timer = threading.Timer(delay, self._release_if_idle)
         timer.daemon = True
         timer.name = "beamline-lock guard linger"
@@ -512,7 +512,7 @@ class LockGuard:
                         log.warning("%s could not withdraw the queue's request: %s", TAG,
                                     exc)
                 return
-            waiters = self.lock.status().waiters
+            waiters = self.lock.waiters()
             try:
                 if waiters and not force:
                     # Someone waits: theirs now; a plan that starts within the linger
