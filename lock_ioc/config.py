@@ -6,6 +6,7 @@ names the offending key (``groups.staff.users[1]: ...``), never a traceback.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import os
 import re
@@ -75,7 +76,7 @@ class Config:
     def group_names(self) -> tuple[str, ...]:
         return tuple(g.name for g in self.groups)
 
-    @property
+    @functools.cached_property
     def users(self) -> tuple[str, ...]:
         """Every user name of the config, each once, in order of first appearance: the
         numbers ``$(P)HolderIndex`` publishes (1-based) and the device IOCs' ACF compares."""
@@ -88,7 +89,7 @@ class Config:
         except ValueError:
             return 0
 
-    @property
+    @functools.cached_property
     def user_map(self) -> int:
         """A checksum of :attr:`users` (31 bits): the ACF admits a holder by index only
         while the lock IOC publishes the same map, so an ACF made from another user list
