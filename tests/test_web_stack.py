@@ -128,6 +128,18 @@ def expect_writes_disabled(tab: Tab) -> None:
         expect(tab.button(safe)).to_be_enabled()
 
 
+def expect_direct_m1_write_refused(stack, tab: Tab, stays_at: float) -> None:
+    """``tab``'s user, not holding the lock, writes m1 straight through the PV socket
+    (past the page and the seat's gate): the device IOC refuses it, and m1 stays at
+    ``stays_at``, where the holder put it."""
+    m1 = stack.BEAMLINE + "m1"
+    direct = tab.socket_request("pv-socket", {"action": "subscribe", "pvs": [m1]},
+                                {"action": "set", "pv": m1, "value": 7, "timeout": 5})
+    assert direct == {"error": f"Write access is not enabled for PV {m1}. "
+                               "Cannot set value."}, direct
+    assert float(stack.net.caget(m1)) == pytest.approx(stays_at, abs=1e-3)
+
+
 # ---- the story: a queue run, then the lock by hand, two users and an operator ----------
 def test_queue_then_lock_two_users_and_an_operator(stack, tabs):
     alice = tabs("alice", FULL_HD)
@@ -231,12 +243,7 @@ def test_queue_then_lock_two_users_and_an_operator(stack, tabs):
            "note 'aligning m1')" in gated["error"], gated
     # Past the page and the seat: the device IOC admits only the holder (issue 18), so
     # bob, in alice's own group, is refused there too, and m1 stays where alice put it.
-    direct = bob.socket_request("pv-socket", {"action": "subscribe", "pvs": [stack.BEAMLINE + "m1"]},
-                                {"action": "set", "pv": stack.BEAMLINE + "m1", "value": 7,
-                                 "timeout": 5})
-    assert direct == {"error": f"Write access is not enabled for PV {stack.BEAMLINE}m1. "
-                               "Cannot set value."}, direct
-    assert float(stack.net.caget(stack.BEAMLINE + "m1")) == pytest.approx(2.0, abs=1e-3)
+    expect_direct_m1_write_refused(stack, bob, stays_at=2.0)
     bob.shot("refused")
 
     # Stop and Close are never refused by the lock: bob stops alice's move and closes
@@ -331,12 +338,7 @@ def test_bob_asks_alice_hands_over_with_one_click_and_the_device_ioc_follows(sta
     bob.button("Move Motor m1").click()
     expect(bob("#m1-readback")).to_have_text("1.500")
     expect_writes_disabled(alice)
-    direct = alice.socket_request("pv-socket", {"action": "subscribe", "pvs": [stack.BEAMLINE + "m1"]},
-                                  {"action": "set", "pv": stack.BEAMLINE + "m1", "value": 7,
-                                   "timeout": 5})
-    assert direct == {"error": f"Write access is not enabled for PV {stack.BEAMLINE}m1. "
-                               "Cannot set value."}, direct
-    assert float(stack.net.caget(stack.BEAMLINE + "m1")) == pytest.approx(1.5, abs=1e-3)
+    expect_direct_m1_write_refused(stack, alice, stays_at=1.5)
     bob.shot("handed-over")
     bob.button("Release").click()
     expect(bob("#lock-state")).to_have_text("Free")
