@@ -250,8 +250,11 @@ class LockIOCBase(PVGroup):
             self.store_error = ""
         if out.state.token != self.lock_state.token:
             # Every new grant announces itself with State first, also Held -> Held (a
-            # hand-over): clients tell holding periods apart by State's update.
-            self._published.pop("State", None)
+            # hand-over): clients tell holding periods apart by State's update. Only the
+            # value is forgotten: an unchanged alarm keeps State on the fast path (post).
+            seen = self._published.get("State")
+            if seen is not None:
+                self._published["State"] = (None, seen[1])
         self.lock_state = out.state
         self.undurable = None
         for line in self.event_lines.extend(out.events):
