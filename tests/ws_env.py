@@ -31,14 +31,8 @@ from demo.services import stop_group
 
 from epics_env import REPO, TEST_CONFIG, CANetwork, free_port
 
-#: The documented seat configuration; the tests start from it and override ports,
-#: prefixes and the seat's session.
-SEAT_ENV = REPO / "clients" / "websocket" / "seat.env"
-#: Devices 10-devices.py defines; the server is ready when its registry lists them all.
-DEVICES = services.WS_DEVICES
 #: The seat's OS account (.ci/setup-system): its CA identity is ``oaswww@host``.
 SEAT_USER = "oaswww"
-read_env_file = services.read_env_file
 
 
 def web_seat_config(prefix: str, state: Path) -> str:
