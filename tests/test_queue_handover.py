@@ -12,13 +12,11 @@ user (``ME``, in the queue group: authority 10 < staff 20).
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 from bluesky_queueserver_api import BPlan
 
-from epics_env import wait_until
+from epics_env import ME, wait_until
+from test_cli import lockctl
 from test_device_gating import can_write
 from test_handover import decoded, history, waiters
 from test_queue_guard import (ALICE, LINGER, QUEUE, GuardProcess, _console_until,  # noqa: F401
@@ -44,13 +42,6 @@ time.sleep(float(os.environ.get("STAY", "0")))
 """
 
 
-def lockctl(net, lock, *args: str) -> subprocess.CompletedProcess:
-    env = net.client_env()
-    env["LOCK_PREFIX"] = lock.prefix
-    return subprocess.run([str(Path(sys.executable).with_name("lockctl")), *args], env=env,
-                          capture_output=True, text=True, timeout=60)
-
-
 def test_every_run_carries_the_lock_in_its_start_document(plain):
     net, lock, beamline = plain
     proc = GuardProcess(net, lock, beamline, script=PLANS, LINGER="1", STOPS="1 1")
@@ -70,7 +61,7 @@ def test_every_run_carries_the_lock_in_its_start_document(plain):
     finally:
         proc.stop()
     # The run traced to its holder by the token in its start document.
-    r = lockctl(net, lock, "history", "--token", str(token))
+    r = lockctl(net, lock, "history", "--token", str(token), user=ME)
     assert r.returncode == 0, r.stderr
     assert f" acquired {QUEUE} session=queue token={token} " in r.stdout.splitlines()[0]
 
