@@ -70,6 +70,19 @@ export function createKeepAlive(session: string, lease: number): KeepAlive {
            outcome: null };
 }
 
+/** What Acquire and Request write: the session, the lease, and the note unless blank. */
+export function askBody(session: string, lease: number, note?: string): Record<string, unknown> {
+  const body: Record<string, unknown> = { session, lease };
+  const text = note?.trim();
+  if (text) body.note = text;
+  return body;
+}
+
+/** How often a lease (or a request's lease) is renewed: a third of it, at most once a second. */
+export function renewPeriod(lease: number): number {
+  return Math.max(1000, (lease * 1000) / 3);
+}
+
 /** Take needs a known lock: State and a baseline Token from a connected lock IOC. */
 export function canTake(view: LockView): boolean {
   return view.known && view.token !== null;
@@ -79,13 +92,10 @@ export function take(ka: KeepAlive, view: LockView, req: { lease: number; note?:
                      now: number): Step {
   if (!canTake(view) || view.token === null) return { ka, puts: [] };
   if (ka.hold !== null) return { ka, puts: [] };  // already ours: Renew, not Take
-  const body: Record<string, unknown> = { session: ka.session, lease: req.lease };
-  const note = req.note?.trim();
-  if (note) body.note = note;
   return {
     ka: { ...ka, lease: req.lease, declined: null, outcome: { kind: "waiting" },
           pending: { before: view.token, since: now, messageTs: view.messageTs } },
-    puts: [{ command: "Acquire", body }],
+    puts: [{ command: "Acquire", body: askBody(ka.session, req.lease, req.note) }],
   };
 }
 
@@ -102,8 +112,7 @@ export function release(ka: KeepAlive, view: LockView): Step {
 
 /** Is a renewal due? (Also while the lock is unknown: the puts fail harmlessly.) */
 function renewal(ka: KeepAlive, hold: Hold, now: number): { hold: Hold; puts: Put[] } {
-  const period = Math.max(1000, (ka.lease * 1000) / 3);
-  if (!hold.renewNow && now - hold.lastRenew < period) return { hold, puts: [] };
+  if (!hold.renewNow && now - hold.lastRenew < renewPeriod(ka.lease)) return { hold, puts: [] };
   return {
     hold: { ...hold, lastRenew: now, renewNow: false },
     puts: [{ command: "Renew", body: { session: ka.session, lease: ka.lease } }],

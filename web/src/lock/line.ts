@@ -6,6 +6,7 @@
 // A request lapses unless renewed within its lease; once granted, the grant is this
 // page's session's and the keep-alive (keepalive.ts) keeps it, as any grant it finds.
 import { record, type PvStore } from "./pvstore";
+import { askBody, renewPeriod } from "./keepalive";
 import { heldBy, type LockView } from "./view";
 
 export interface Waiter {
@@ -77,11 +78,9 @@ export function lineView(store: PvStore, session: string): LineView {
 /** Ask for the lock (or ask again: keeps the place and renews the request). */
 export function request(session: string, req: { lease: number; note?: string },
                         now: number): { req: LineRequest; puts: LinePut[] } {
-  const body: Record<string, unknown> = { session, lease: req.lease };
   const note = req.note?.trim() ?? "";
-  if (note) body.note = note;
   return { req: { lease: req.lease, note, since: now, lastRenew: now, seen: false },
-           puts: [{ command: "Request", body }] };
+           puts: [{ command: "Request", body: askBody(session, req.lease, note) }] };
 }
 
 /** Leave the line. */
@@ -112,7 +111,7 @@ export function lineStep(req: LineRequest | null, view: LockView, line: LineView
     return { req: gone ? null : req, puts: [] };
   }
   const seen = req.seen ? req : { ...req, seen: true };
-  if (now - req.lastRenew < Math.max(1000, (req.lease * 1000) / 3)) return { req: seen, puts: [] };
+  if (now - req.lastRenew < renewPeriod(req.lease)) return { req: seen, puts: [] };
   return { req: { ...seen, lastRenew: now },
            puts: [{ command: "Request", body: { session, lease: req.lease } }] };
 }
