@@ -128,7 +128,7 @@ class LockDisplay(Display):
     # (PyDM also sets each widget of the .ui as an attribute of the display: no method
     # may be named like a widget.)
     def _acquire_text(self) -> str:
-        request: dict = {"session": self.ui.acquire_session.text().strip()}
+        request: dict = {"session": self._session_entry()}
         if self.ui.acquire_lease.value() > 0:
             request["lease"] = self.ui.acquire_lease.value()
         if self.ui.acquire_note.text().strip():
@@ -153,7 +153,7 @@ class LockDisplay(Display):
     def _question(self, name: str, button, text: str) -> str:
         """What to ask before writing ``text`` ("" = write at once)."""
         if name in ("renew", "release", "handover"):
-            shown, mine = self._shown_session(), self.ui.acquire_session.text().strip()
+            shown, mine = self._shown_session(), self._session_entry()
             if not shown or shown == mine:
                 return ""
             return (f"{button.text()} session '{shown}' of {self.ui.owner.text()}?\n"
