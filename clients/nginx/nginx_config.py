@@ -50,12 +50,12 @@ def render(*, state_dir: Path, http_port: int, https_port: int, httpserver: str,
             raise ValueError(f"bad seat {user!r} -> {port!r}: a user name and a TCP port")
     if not re.fullmatch(r"[a-z]+(:[a-z]+)+", device_scope):
         raise ValueError(f"bad scope {device_scope!r}")
+    tls = tls_dir or state_dir / "tls"
     values = {
         "STATE_DIR": str(state_dir), "HTTP_PORT": str(http_port),
         "HTTPS_PORT": str(https_port), "HTTP_LISTEN": f"{listen}:{http_port}",
         "HTTPS_LISTEN": f"{listen}:{https_port}", "HTTPSERVER": httpserver,
-        "CERT": str((tls_dir or state_dir / "tls") / "server.crt"),
-        "KEY": str((tls_dir or state_dir / "tls") / "server.key"),
+        "CERT": str(tls / "server.crt"), "KEY": str(tls / "server.key"),
         "WEB_ROOT": str(web_root),
         "SEATS_JSON": json.dumps(dict(seats), sort_keys=True),
         "DEVICE_SCOPE": device_scope,
